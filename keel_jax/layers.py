@@ -1,0 +1,152 @@
+"""Transformer building blocks: norms, RoPE, grouped-query attention, FFN.
+
+Shape suffixes: B batch, T sequence, D model width, H query heads, K kv heads,
+G = H/K query heads per kv head, E head dim, F FFN hidden width, V vocabulary.
+Every parameter carries logical axis names; the model never sees a mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Dtype = Any
+
+
+def normal(std: float, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class Norm(nn.Module):
+  """RMSNorm (scale only, no bias) or LayerNorm, always computed in fp32.
+
+  `eps_scale` multiplies ε, so that Norm(c·x, eps_scale=1/c²) == Norm(x) exactly.
+  """
+
+  kind: str = "rmsnorm"
+  eps: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, eps_scale: float = 1.0):
+    x = x_BxTxD.astype(jnp.float32)
+    d = x.shape[-1]
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (d,),
+      self.param_dtype,
+    )
+    eps = self.eps * eps_scale
+    if self.kind == "rmsnorm":
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+      return y * scale.astype(jnp.float32)
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      (d,),
+      self.param_dtype,
+    )
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def rope(x_BxTxNxE, positions_BxT, theta: float):
+  """Rotary position embedding on the last axis (pairs are the two halves)."""
+  e = x_BxTxNxE.shape[-1]
+  freq_E2 = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  angle_BxTx1xE2 = (positions_BxT[..., None].astype(jnp.float32) * freq_E2)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxTx1xE2), jnp.cos(angle_BxTx1xE2)
+  x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxE.dtype)
+
+
+def causal_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS):
+  """Reference attention: fp32 softmax, a query sees keys at positions <= its own."""
+  e = q_BxTxKxGxE.shape[-1]
+  s_BxKxGxTxS = jnp.einsum(
+    "btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
+  ) / jnp.sqrt(e).astype(jnp.float32)
+  mask_Bx1x1xTxS = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None])[:, None, None]
+  s_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxE.dtype)
+  return jnp.einsum("bkgts,bske->btkge", p_BxKxGxTxS, v_BxSxKxE)
+
+
+class Attention(nn.Module):
+  """Causal multi-head attention with grouped KV heads and RoPE."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  init_std: float = 0.02
+  value_out_std: float = 0.02  # DeepNorm scales V and output inits by β
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_fn: Callable = causal_attention
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    d = x_BxTxD.shape[-1]
+    h, k, e = self.num_heads, self.num_kv_heads, self.head_dim
+    p = lambda name, shape, names, std: self.param(
+      name, normal(std, names), shape, self.param_dtype
+    ).astype(self.dtype)
+    wq_DxHxE = p("wq", (d, h, e), ("embed", "heads", "kv"), self.init_std)
+    wk_DxKxE = p("wk", (d, k, e), ("embed", "heads", "kv"), self.init_std)
+    wv_DxKxE = p("wv", (d, k, e), ("embed", "heads", "kv"), self.value_out_std)
+    wo_HxExD = p("wo", (h, e, d), ("heads", "kv", "embed"), self.value_out_std)
+
+    x = x_BxTxD.astype(self.dtype)
+    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x, wq_DxHxE)
+    k_BxTxKxE = jnp.einsum("btd,dke->btke", x, wk_DxKxE)
+    v_BxTxKxE = jnp.einsum("btd,dke->btke", x, wv_DxKxE)
+    q_BxTxHxE = checkpoint_name(rope(q_BxTxHxE, positions_BxT, self.rope_theta), "query")
+    k_BxTxKxE = checkpoint_name(rope(k_BxTxKxE, positions_BxT, self.rope_theta), "key")
+    v_BxTxKxE = checkpoint_name(v_BxTxKxE, "value")
+
+    b, t = positions_BxT.shape
+    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
+    o_BxTxKxGxE = self.attention_fn(q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, positions_BxT)
+    o_BxTxHxE = checkpoint_name(o_BxTxKxGxE.reshape(b, t, h, e), "attn_heads")
+    out_BxTxD = jnp.einsum("bthe,hed->btd", o_BxTxHxE, wo_HxExD)
+    return nn.with_logical_constraint(out_BxTxD, ("batch", "seq", "embed"))
+
+
+class FFN(nn.Module):
+  """SwiGLU (three matrices, the paper's parameter count) or GELU (two)."""
+
+  d_ff: int
+  kind: str = "swiglu"
+  init_std: float = 0.02  # DeepNorm scales all FFN inits by β
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    d = x_BxTxD.shape[-1]
+    p = lambda name, shape, names: self.param(
+      name, normal(self.init_std, names), shape, self.param_dtype
+    ).astype(self.dtype)
+    x = x_BxTxD.astype(self.dtype)
+    if self.kind == "swiglu":
+      gate_BxTxF = jnp.einsum("btd,df->btf", x, p("w_gate", (d, self.d_ff), ("embed", "mlp")))
+      up_BxTxF = jnp.einsum("btd,df->btf", x, p("w_up", (d, self.d_ff), ("embed", "mlp")))
+      h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+      h_BxTxF = jax.nn.gelu(
+        jnp.einsum("btd,df->btf", x, p("w_up", (d, self.d_ff), ("embed", "mlp")))
+      )
+    h_BxTxF = checkpoint_name(
+      nn.with_logical_constraint(h_BxTxF, ("batch", "seq", "mlp")), "ffn_hidden"
+    )
+    out_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, p("w_down", (self.d_ff, d), ("mlp", "embed")))
+    return nn.with_logical_constraint(out_BxTxD, ("batch", "seq", "embed"))

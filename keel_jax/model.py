@@ -1,0 +1,320 @@
+"""Decoder-only LM: embedding → segments of scanned blocks → final norm → head.
+
+A block is two sub-layers (attention, FFN), each wired by a `residual.Rule`.
+The stack is a list of segments (runs of identical blocks, see
+`residual.layout`); each segment is one `nn.scan` over a rematerialized block,
+with parameters stacked on a leading `layers` axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from keel_jax import residual
+from keel_jax.layers import FFN, Attention, Norm, causal_attention, normal
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyper-parameters (mirrors `config.model`)."""
+
+  vocab_size: int = 512
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
+  head_dim: int = 0  # 0 → d_model // num_heads
+  d_ff: int = 0  # 0 → 3·d_model (the paper's 1024 → 3072)
+  ffn: str = "swiglu"  # swiglu | gelu
+  num_blocks: int = 4  # sub-layers = 2·num_blocks
+  residual: str = "keel"  # one of residual.SCHEMES
+  keel_alpha: float = 0.0  # 0 → α = 2·num_blocks (the paper's α = L)
+  mix_ln_fraction: float = 0.25  # Mix-LN: fraction of blocks (from the bottom) that are Post-LN
+  norm: str = "rmsnorm"  # rmsnorm | layernorm
+  norm_eps: float = 1e-5
+  rope_theta: float = 10_000.0
+  init_std: float = 0.02
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # compute dtype of matmuls; norms, softmax, logits and the stream are fp32
+  param_dtype: str = "float32"
+  scan_layers: bool = True  # False unrolls (same math and parameters, slow to compile)
+  remat_policy: str = "full"  # one of REMAT_POLICIES
+  remat_save_names: tuple[str, ...] = ()  # with remat_policy="names", e.g. ("attn_heads",)
+  nested_remat: bool = False  # √L nested remat: keep ~2√L carries instead of L
+
+  def __post_init__(self):
+    for name in ("head_dim", "d_ff"):
+      if getattr(self, name) == 0:
+        default = self.d_model // self.num_heads if name == "head_dim" else 3 * self.d_model
+        object.__setattr__(self, name, default)
+    object.__setattr__(self, "remat_save_names", tuple(self.remat_save_names))
+    self.validate()
+
+  @classmethod
+  def from_dict(cls, d) -> ModelConfig:
+    d = dict(d)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown config.model keys {unknown}; remove them or check the spelling")
+    return cls(**d)
+
+  def validate(self):
+    def need(ok, msg):
+      if not ok:
+        raise ValueError(msg)
+
+    need(
+      self.residual in residual.SCHEMES,
+      f"config.model.residual={self.residual!r} is unknown; choose one of {residual.SCHEMES}",
+    )
+    need(self.num_blocks >= 1, f"config.model.num_blocks={self.num_blocks} must be >= 1")
+    need(
+      self.d_model % self.num_heads == 0,
+      f"config.model.num_heads={self.num_heads} must divide d_model={self.d_model}",
+    )
+    need(
+      self.num_heads % self.num_kv_heads == 0,
+      f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}",
+    )
+    need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+    need(self.ffn in ("swiglu", "gelu"), f"config.model.ffn={self.ffn!r}: use swiglu or gelu")
+    need(
+      self.norm in ("rmsnorm", "layernorm"),
+      f"config.model.norm={self.norm!r}: use rmsnorm or layernorm",
+    )
+    need(
+      self.dtype in DTYPES and self.param_dtype in DTYPES,
+      f"config.model.dtype/param_dtype must be one of {list(DTYPES)}",
+    )
+    need(
+      self.remat_policy in REMAT_POLICIES,
+      f"config.model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}",
+    )
+    need(
+      self.remat_policy != "names" or self.remat_save_names,
+      "config.model.remat_policy='names' needs config.model.remat_save_names",
+    )
+    need(
+      self.keel_alpha == 0 or self.keel_alpha > 1,
+      f"config.model.keel_alpha={self.keel_alpha}: the paper needs α > 1 (0 means α = L)",
+    )
+    need(0.0 <= self.mix_ln_fraction <= 1.0, "config.model.mix_ln_fraction must be in [0, 1]")
+
+  @property
+  def num_sublayers(self) -> int:
+    return 2 * self.num_blocks
+
+  def layout(self) -> list[tuple[residual.BlockRule, int]]:
+    return residual.layout(
+      self.residual,
+      self.num_blocks,
+      keel_alpha_override=self.keel_alpha,
+      mix_ln_fraction=self.mix_ln_fraction,
+    )
+
+
+class Block(nn.Module):
+  """One Transformer block: attention then FFN sub-layer, each wired by its rule."""
+
+  cfg: ModelConfig
+  rule: residual.BlockRule
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    cfg, rule = self.cfg, self.rule
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    beta_std = cfg.init_std * rule.beta
+    attn = Attention(
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.rope_theta,
+      cfg.init_std,
+      beta_std,
+      dtype,
+      param_dtype,
+      causal_attention,
+      name="attn",
+    )
+    ffn = FFN(cfg.d_ff, cfg.ffn, beta_std, dtype, param_dtype, name="ffn")
+
+    rms = []
+    for name, sub_rule, f in (
+      ("attn", rule.attn, lambda h: attn(h, positions_BxT)),
+      ("ffn", rule.ffn, ffn),
+    ):
+      norm = lambda suffix: Norm(cfg.norm, cfg.norm_eps, param_dtype, name=f"{name}_norm_{suffix}")
+      x_BxTxD = residual.apply(
+        sub_rule,
+        x_BxTxD,
+        f,
+        norm("in") if sub_rule.norm_in else None,
+        norm("out") if sub_rule.norm_out else None,
+      )
+      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
+      rms.append(jnp.sqrt(jnp.mean(jnp.square(x_BxTxD))))
+    # Activation RMS after each sub-layer, for gradient-flow studies (stacked by scan).
+    self.sow("intermediates", "rms", jnp.stack(rms))
+    return x_BxTxD, None
+
+
+def remat_policy(cfg: ModelConfig):
+  cp = jax.checkpoint_policies
+  return {
+    "full": cp.nothing_saveable,
+    "dots": cp.dots_saveable,
+    "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+    "names": cp.save_only_these_names(*cfg.remat_save_names),
+  }[cfg.remat_policy]
+
+
+def scan(module_cls, length: int):
+  """`module_cls` applied `length` times, parameters stacked on a `layers` axis."""
+  return nn.scan(
+    module_cls,
+    variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast,),
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
+def nested_split(n: int) -> tuple[int, int]:
+  """(groups, group size) for √L nested remat; n - groups·size blocks run as a plain tail."""
+  size = max(1, round(math.sqrt(n)))
+  return n // size, size
+
+
+class Group(nn.Module):
+  """A scanned run of `length` identical blocks (the inner loop of nested remat)."""
+
+  cfg: ModelConfig
+  rule: residual.BlockRule
+  length: int
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    block = Block
+    if self.cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=remat_policy(self.cfg), prevent_cse=False)
+    return scan(block, self.length)(self.cfg, self.rule, name="blocks")(x_BxTxD, positions_BxT)
+
+
+class Segment(nn.Module):
+  """`length` identical blocks: scanned (default), nested-remat scanned, or unrolled."""
+
+  cfg: ModelConfig
+  rule: residual.BlockRule
+  length: int
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    cfg, n = self.cfg, self.length
+    if not cfg.scan_layers:
+      for i in range(n):
+        x_BxTxD, _ = Block(cfg, self.rule, name=f"block_{i}")(x_BxTxD, positions_BxT)
+      return x_BxTxD
+    groups, size = nested_split(n) if cfg.nested_remat else (0, 0)
+    if groups > 1 and size > 1:
+      # Outer scan saves only one carry per group; each group's inner scan is
+      # recomputed during the backward pass, so ~groups + size carries are live.
+      outer = scan(nn.remat(Group, prevent_cse=False), groups)
+      x_BxTxD, _ = outer(cfg, self.rule, size, name="groups")(x_BxTxD, positions_BxT)
+      n -= groups * size
+      if n == 0:
+        return x_BxTxD
+    x_BxTxD, _ = Group(cfg, self.rule, n, name="stack")(x_BxTxD, positions_BxT)
+    return x_BxTxD
+
+
+class LM(nn.Module):
+  """Causal language model; returns fp32 logits [B, T, V]."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT=None):
+    cfg = self.cfg
+    param_dtype, dtype = DTYPES[cfg.param_dtype], DTYPES[cfg.dtype]
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    # The table is sharded on one mesh axis only: a gather from a table sharded on
+    # two axes makes XLA rematerialize the whole table.
+    embed_VxD = self.param(
+      "embed",
+      normal(cfg.init_std, ("vocab", "table_embed")),
+      (cfg.vocab_size, cfg.d_model),
+      param_dtype,
+    )
+    # The residual stream stays fp32: at α ≈ 1000 a bf16 stream would drop F entirely.
+    x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(jnp.float32)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
+    for i, (rule, length) in enumerate(cfg.layout()):
+      x_BxTxD = Segment(cfg, rule, length, name=f"segment_{i}")(x_BxTxD, positions_BxT)
+    x_BxTxD = Norm(cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
+    if cfg.tie_embeddings:
+      head_DxV = embed_VxD.T
+    else:
+      head_DxV = self.param(
+        "head", normal(cfg.init_std, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), param_dtype
+      )
+    logits_BxTxV = jnp.einsum(
+      "btd,dv->btv",
+      x_BxTxD.astype(dtype),
+      head_DxV.astype(dtype),
+      preferred_element_type=jnp.float32,
+    )
+    return nn.with_logical_constraint(logits_BxTxV, ("batch", "seq", "vocab"))
+
+
+# ---------------------------------------------------------------- introspection
+
+
+def _per_block(tree) -> Any:
+  """A segment's subtree → the same leaves with one leading axis of blocks, in depth order."""
+  if "block_0" in tree:  # unrolled
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"block_{i}"] for i in range(len(tree))])
+  parts = []
+  if "groups" in tree:  # nested remat: [groups, group size, ...]
+    parts.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree["groups"]["blocks"]))
+  if "stack" in tree:
+    parts.append(tree["stack"]["blocks"])
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def segments(tree) -> list[Any]:
+  """Per segment, a params-like tree (params, grads, intermediates) with blocks on axis 0."""
+  tree = nn.unbox(tree)
+  n = sum(k.startswith("segment_") for k in tree)
+  return [_per_block(tree[f"segment_{i}"]) for i in range(n)]
+
+
+def sublayer_norms(params_like) -> jnp.ndarray:
+  """L2 norm of each sub-layer's parameters (or grads), shape [2·num_blocks].
+
+  Reduces stacked leaves over their non-layer axes: no unrolling, cheap under jit.
+  Order is attn_0, ffn_0, attn_1, ffn_1, ...
+  """
+  out = []
+  for seg in segments(params_like):
+    sq = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(seg)[0]:
+      kind = "attn" if str(path[0].key).startswith("attn") else "ffn"
+      leaf_sq = jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
+      sq[kind] = sq.get(kind, 0.0) + leaf_sq
+    out.append(jnp.stack([sq["attn"], sq["ffn"]], axis=1).reshape(-1))
+  return jnp.sqrt(jnp.concatenate(out))
+
+
+def sublayer_activation_rms(intermediates) -> jnp.ndarray:
+  """Residual-stream RMS after each sub-layer, shape [2·num_blocks], from sown intermediates."""
+  return jnp.concatenate([seg["rms"][0].reshape(-1) for seg in segments(intermediates)])
