@@ -151,7 +151,9 @@ class Block(nn.Module):
       ("attn", rule.attn, lambda h: attn(h, positions_BxT)),
       ("ffn", rule.ffn, ffn),
     ):
-      norm = lambda suffix: Norm(cfg.norm, cfg.norm_eps, param_dtype, name=f"{name}_norm_{suffix}")
+      norm = lambda suffix, name=name: Norm(
+        cfg.norm, cfg.norm_eps, param_dtype, name=f"{name}_norm_{suffix}"
+      )
       x_BxTxD = residual.apply(
         sub_rule,
         x_BxTxD,
