@@ -1,0 +1,43 @@
+"""Command line: python -m keel_jax.main --config=configs/<name>.py --workdir=<dir> [--config.a.b=v].
+
+Multi-host: on TPU pods pass --distributed (jax.distributed.initialize() finds the
+peers itself); elsewhere also give --coordinator_address, --num_processes and
+--process_id.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py[:arg].")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plots go here; reruns resume.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax
+
+  if FLAGS.distributed or FLAGS.num_processes:
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+  from keel_jax import train
+
+  try:
+    train.train(FLAGS.config, FLAGS.workdir)
+  except (ValueError, train.NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

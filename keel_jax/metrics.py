@@ -1,0 +1,111 @@
+"""Where metrics go: metrics.jsonl, TensorBoard events, a console progress line, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class Writer:
+  """Writes one JSON object per logged step; only process 0 writes."""
+
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    self.enabled = enabled
+    self.total_steps = total_steps
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self._t0 = time.perf_counter()
+    self._first_step = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # imported lazily: pulls in protobuf
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, row: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, float) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+      elif isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+        self._tb.add_histogram(k, np.asarray(v), step)
+    self._tb.flush()
+
+  def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    """One console line: step, loss, throughput, ETA."""
+    if not self.enabled:
+      return
+    if self._first_step is None:
+      self._first_step, self._t0 = step, time.perf_counter()
+    done = step - self._first_step
+    rate = done / max(time.perf_counter() - self._t0, 1e-9)
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    frac = step / max(self.total_steps, 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    line = (f"[{bar}] step {step}/{self.total_steps} | loss {loss:.4f} | "
+            f"{tokens_per_sec:,.0f} tok/s | ETA {_duration(eta)}")
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(line, end=end, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self.enabled and sys.stderr.isatty():
+      print(file=sys.stderr)
+
+
+def read(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(workdir: str, out_name: str = "loss.png") -> str | None:
+  """Train and eval loss against step, from metrics.jsonl."""
+  rows = read(workdir)
+  train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+  evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+  if not train:
+    return None
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(*zip(*train, strict=True), label="train")
+  if evals:
+    ax.plot(*zip(*evals, strict=True), "o-", label="eval")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title(os.path.basename(os.path.normpath(workdir)))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = os.path.join(workdir, out_name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _plain(v):
+  v = np.asarray(v)
+  return v.item() if v.ndim == 0 else [float(x) for x in v.reshape(-1)]
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
