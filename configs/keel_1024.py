@@ -14,14 +14,29 @@ from configs import default
 def get_config(arg: str | None = None):
   c = default.get_config(arg)
   c.model.update(
-    d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072, num_blocks=512, residual="keel",
-    dtype="bfloat16", remat_policy="full", nested_remat=True,
+    d_model=1024,
+    num_heads=16,
+    num_kv_heads=8,
+    d_ff=3072,
+    num_blocks=512,
+    residual="keel",
+    dtype="bfloat16",
+    remat_policy="full",
+    nested_remat=True,
   )
   c.data.update(name="c4/en", tokenizer="sentencepiece", seq_len=4096)
   c.train.update(
-    num_steps=60_000, batch_size=1024, learning_rate=4.5e-3, warmup_steps=2_500,
-    schedule="cosine", min_learning_rate=1e-7, log_every=50, eval_every=2_000, eval_batches=16,
-    checkpoint_every=1_000, diag_every=500,
+    num_steps=60_000,
+    batch_size=1024,
+    learning_rate=4.5e-3,
+    warmup_steps=2_500,
+    schedule="cosine",
+    min_learning_rate=1e-7,
+    log_every=50,
+    eval_every=2_000,
+    eval_batches=16,
+    checkpoint_every=1_000,
+    diag_every=500,
   )
   c.mesh.shape = (1, -1, 1)  # fully sharded data parallel over the whole slice
   return c

@@ -92,6 +92,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_fn: Callable = causal_attention
+  decode: bool = False  # keep a KV cache; the first (init) call sizes it to its length
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):
@@ -114,11 +115,35 @@ class Attention(nn.Module):
     v_BxTxKxE = checkpoint_name(v_BxTxKxE, "value")
 
     b, t = positions_BxT.shape
+    k_pos_BxS = positions_BxT
+    if self.decode:
+      k_BxTxKxE, v_BxTxKxE, k_pos_BxS = self._cached(k_BxTxKxE, v_BxTxKxE, positions_BxT)
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-    o_BxTxKxGxE = self.attention_fn(q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, positions_BxT)
+    o_BxTxKxGxE = self.attention_fn(q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, k_pos_BxS)
     o_BxTxHxE = checkpoint_name(o_BxTxKxGxE.reshape(b, t, h, e), "attn_heads")
     out_BxTxD = jnp.einsum("bthe,hed->btd", o_BxTxHxE, wo_HxExD)
     return nn.with_logical_constraint(out_BxTxD, ("batch", "seq", "embed"))
+
+  def _cached(self, k_BxTxKxE, v_BxTxKxE, positions_BxT):
+    """Appends this call's keys/values to the cache; returns the whole cache.
+
+    Each slot remembers its key's position (empty slots hold int32 max), so the
+    causal rule k_pos <= q_pos also hides empty slots and left padding.
+    """
+    ready = self.has_variable("cache", "k")
+    b, t, kh, e = k_BxTxKxE.shape
+    k_c = self.variable("cache", "k", jnp.zeros, (b, t, kh, e), k_BxTxKxE.dtype)
+    v_c = self.variable("cache", "v", jnp.zeros, (b, t, kh, e), v_BxTxKxE.dtype)
+    pos_c = self.variable("cache", "pos", jnp.full, (b, t), jnp.iinfo(jnp.int32).max, jnp.int32)
+    idx = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+    if not ready:  # the init call only allocates
+      return k_BxTxKxE, v_BxTxKxE, positions_BxT
+    i = idx.value
+    k_c.value = jax.lax.dynamic_update_slice(k_c.value, k_BxTxKxE, (0, i, 0, 0))
+    v_c.value = jax.lax.dynamic_update_slice(v_c.value, v_BxTxKxE, (0, i, 0, 0))
+    pos_c.value = jax.lax.dynamic_update_slice(pos_c.value, positions_BxT.astype(jnp.int32), (0, i))
+    idx.value = i + t
+    return k_c.value, v_c.value, pos_c.value
 
 
 class FFN(nn.Module):

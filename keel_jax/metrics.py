@@ -50,8 +50,10 @@ class Writer:
     eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
     frac = step / max(self.total_steps, 1)
     bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-    line = (f"[{bar}] step {step}/{self.total_steps} | loss {loss:.4f} | "
-            f"{tokens_per_sec:,.0f} tok/s | ETA {_duration(eta)}")
+    line = (
+      f"[{bar}] step {step}/{self.total_steps} | loss {loss:.4f} | "
+      f"{tokens_per_sec:,.0f} tok/s | ETA {_duration(eta)}"
+    )
     end = "\r" if sys.stderr.isatty() else "\n"
     print(line, end=end, file=sys.stderr, flush=True)
 

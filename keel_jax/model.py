@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from keel_jax import residual
-from keel_jax.layers import FFN, Attention, Norm, causal_attention, normal
+from keel_jax.layers import FFN, Attention, Norm, normal
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -126,24 +126,16 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   rule: residual.BlockRule
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):
     cfg, rule = self.cfg, self.rule
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     beta_std = cfg.init_std * rule.beta
-    attn = Attention(
-      cfg.num_heads,
-      cfg.num_kv_heads,
-      cfg.head_dim,
-      cfg.rope_theta,
-      cfg.init_std,
-      beta_std,
-      dtype,
-      param_dtype,
-      causal_attention,
-      name="attn",
-    )
+    attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                     init_std=cfg.init_std, value_out_std=beta_std, dtype=dtype,
+                     param_dtype=param_dtype, decode=self.decode, name="attn")  # fmt: skip
     ffn = FFN(cfg.d_ff, cfg.ffn, beta_std, dtype, param_dtype, name="ffn")
 
     rms = []
@@ -202,13 +194,15 @@ class Group(nn.Module):
   cfg: ModelConfig
   rule: residual.BlockRule
   length: int
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):
     block = Block
     if self.cfg.remat_policy != "none":
       block = nn.remat(Block, policy=remat_policy(self.cfg), prevent_cse=False)
-    return scan(block, self.length)(self.cfg, self.rule, name="blocks")(x_BxTxD, positions_BxT)
+    body = scan(block, self.length)(self.cfg, self.rule, self.decode, name="blocks")
+    return body(x_BxTxD, positions_BxT)
 
 
 class Segment(nn.Module):
@@ -217,31 +211,37 @@ class Segment(nn.Module):
   cfg: ModelConfig
   rule: residual.BlockRule
   length: int
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):
     cfg, n = self.cfg, self.length
     if not cfg.scan_layers:
       for i in range(n):
-        x_BxTxD, _ = Block(cfg, self.rule, name=f"block_{i}")(x_BxTxD, positions_BxT)
+        x_BxTxD, _ = Block(cfg, self.rule, self.decode, name=f"block_{i}")(x_BxTxD, positions_BxT)
       return x_BxTxD
     groups, size = nested_split(n) if cfg.nested_remat else (0, 0)
     if groups > 1 and size > 1:
       # Outer scan saves only one carry per group; each group's inner scan is
       # recomputed during the backward pass, so ~groups + size carries are live.
       outer = scan(nn.remat(Group, prevent_cse=False), groups)
-      x_BxTxD, _ = outer(cfg, self.rule, size, name="groups")(x_BxTxD, positions_BxT)
+      x_BxTxD, _ = outer(cfg, self.rule, size, self.decode, name="groups")(x_BxTxD, positions_BxT)
       n -= groups * size
       if n == 0:
         return x_BxTxD
-    x_BxTxD, _ = Group(cfg, self.rule, n, name="stack")(x_BxTxD, positions_BxT)
+    x_BxTxD, _ = Group(cfg, self.rule, n, self.decode, name="stack")(x_BxTxD, positions_BxT)
     return x_BxTxD
 
 
 class LM(nn.Module):
-  """Causal language model; returns fp32 logits [B, T, V]."""
+  """Causal language model; returns fp32 logits [B, T, V].
+
+  With decode=True every attention keeps a KV cache (collection "cache", stacked
+  on the layers axis); `positions_BxT` then places the new tokens.
+  """
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT=None):
@@ -261,7 +261,7 @@ class LM(nn.Module):
     x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(jnp.float32)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
     for i, (rule, length) in enumerate(cfg.layout()):
-      x_BxTxD = Segment(cfg, rule, length, name=f"segment_{i}")(x_BxTxD, positions_BxT)
+      x_BxTxD = Segment(cfg, rule, length, self.decode, name=f"segment_{i}")(x_BxTxD, positions_BxT)
     x_BxTxD = Norm(cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
       head_DxV = embed_VxD.T

@@ -51,8 +51,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def rules(mesh_cfg) -> tuple[tuple[str, object], ...]:
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in mesh_cfg.rules)
+  return tuple(
+    (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_cfg.rules
+  )
 
 
 def logical_to_sharding(boxed_tree, mesh: Mesh, mesh_rules):

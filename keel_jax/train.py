@@ -86,8 +86,9 @@ def setup(config, workdir: str, devices=None) -> Setup:
     )
   dataset = data.make(config.data, seed=t.seed)
   model_cfg = model_config(config, dataset.tokenizer.vocab_size)
-  return Setup(config, model_cfg, dataset, mesh, rules, optimizer.optimizer(t),
-               optimizer.schedule(t))
+  return Setup(
+    config, model_cfg, dataset, mesh, rules, optimizer.optimizer(t), optimizer.schedule(t)
+  )
 
 
 # ---------------------------------------------------------------- state and steps
@@ -105,8 +106,9 @@ def abstract_state(s: Setup):
 
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.logical_to_sharding(boxed, s.mesh, s.rules)
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          nn.unbox(boxed), shardings)
+  abstract = jax.tree.map(
+    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), nn.unbox(boxed), shardings
+  )
   return abstract, shardings, lambda rng: nn.unbox(init(rng))
 
 
@@ -128,7 +130,8 @@ def make_train_step(s: Setup):
     else:
       # Strided micro-batches: every data shard holds a slice of each one.
       micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+      )
 
       def body(carry, mb):
         (_, (nll, count)), grads = grad_fn(params, mb)
@@ -142,8 +145,11 @@ def make_train_step(s: Setup):
     loss_value = nll / count
     grad_norm = optax.global_norm(grads)
     updates, opt_state = s.tx.update(grads, state["opt_state"], params)
-    new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-           "opt_state": opt_state}
+    new = {
+      "step": state["step"] + 1,
+      "params": optax.apply_updates(params, updates),
+      "opt_state": opt_state,
+    }
     finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
     if t.nonfinite == "skip":
       kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
@@ -246,8 +252,12 @@ def train(config, workdir: str) -> dict:
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
       start = 0
-    train_fn = jax.jit(make_train_step(s), in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
+    train_fn = jax.jit(
+      make_train_step(s),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
     eval_fn = jax.jit(make_eval_step(s), in_shardings=(shardings["params"], batch_sharding))
 
   num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
@@ -256,13 +266,22 @@ def train(config, workdir: str) -> dict:
   tokens_per_step = t.batch_size * config.data.seq_len
   writer = metrics.Writer(workdir, t.num_steps, enabled=lead)
   if lead:
-    print(f"keel_jax: {s.model_cfg.residual} model, {s.model_cfg.num_sublayers} sub-layers, "
-          f"{num_params / 1e6:.2f}M params, mesh {dict(s.mesh.shape)}, data {config.data.name}, "
-          f"steps {start}→{t.num_steps}", flush=True)
+    print(
+      f"keel_jax: {s.model_cfg.residual} model, {s.model_cfg.num_sublayers} sub-layers, "
+      f"{num_params / 1e6:.2f}M params, mesh {dict(s.mesh.shape)}, data {config.data.name}, "
+      f"steps {start}→{t.num_steps}",
+      flush=True,
+    )
   if start == 0:
-    writer.write(0, {"info/num_params": num_params, "info/peak_flops": peak,
-                     "info/peak_kind": peak_kind, "info/data_fingerprint": json.dumps(
-                       s.dataset.fingerprint, sort_keys=True)})
+    writer.write(
+      0,
+      {
+        "info/num_params": num_params,
+        "info/peak_flops": peak,
+        "info/peak_kind": peak_kind,
+        "info/data_fingerprint": json.dumps(s.dataset.fingerprint, sort_keys=True),
+      },
+    )
 
   eval_batches = None
   last: dict = {}
@@ -303,8 +322,10 @@ def train(config, workdir: str) -> dict:
     try:
       for step in range(start, t.num_steps):
         batch = _global_batch(
-          s, s.dataset.train_batch(step, t.batch_size, jax.process_index(), jax.process_count()),
-          batch_sharding)
+          s,
+          s.dataset.train_batch(step, t.batch_size, jax.process_index(), jax.process_count()),
+          batch_sharding,
+        )
         state, out = train_fn(state, batch)
         # Fetch step-1's metrics only now, with step queued: the device never waits on the host.
         if pending is not None:
@@ -320,20 +341,25 @@ def train(config, workdir: str) -> dict:
           if eval_batches is None:
             eval_batches = [
               _global_batch(s, b, batch_sharding)
-              for b in s.dataset.eval_batches(t.batch_size, t.eval_batches,
-                                              jax.process_index(), jax.process_count())
+              for b in s.dataset.eval_batches(
+                t.batch_size, t.eval_batches, jax.process_index(), jax.process_count()
+              )
             ]
           row = evaluate(s, eval_fn, state["params"], eval_batches)
           writer.write(done, row)
           last = {**last, **row}
           if lead:
-            print(f"\nstep {done}: eval loss {row['eval/loss']:.4f}, "
-                  f"{row['eval/bits_per_byte']:.3f} bits/byte", flush=True)
+            print(
+              f"\nstep {done}: eval loss {row['eval/loss']:.4f}, "
+              f"{row['eval/bits_per_byte']:.3f} bits/byte",
+              flush=True,
+            )
         if preempt.requested:
           ckpt.wait()
           if lead:
-            print(f"SIGTERM: saved checkpoint at step {done} in {ckpt.directory}; exiting.",
-                  flush=True)
+            print(
+              f"SIGTERM: saved checkpoint at step {done} in {ckpt.directory}; exiting.", flush=True
+            )
           break
       if pending is not None:
         fetch(*pending)
