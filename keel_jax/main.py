@@ -1,4 +1,4 @@
-"""Command line: python -m keel_jax.main --config=configs/<name>.py --workdir=<dir> [--config.a.b=v].
+"""Train: python -m keel_jax.main --config=configs/<name>.py --workdir=<dir> [--config.x.y=v].
 
 Multi-host: on TPU pods pass --distributed (jax.distributed.initialize() finds the
 peers itself); elsewhere also give --coordinator_address, --num_processes and
