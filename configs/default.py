@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.diag_every = 100  # per-sub-layer grad/param RMS
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
+  t.sample_prompt = ""  # if set, print a sample continuing it after training
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.shape = (-1, 1, 1)  # -1 → the remaining devices

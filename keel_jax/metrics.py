@@ -29,7 +29,7 @@ class Writer:
   def write(self, step: int, row: dict) -> None:
     if not self.enabled:
       return
-    row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
+    row = {"step": int(step), **{k: plain(v) for k, v in row.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k, v in row.items():
@@ -100,7 +100,7 @@ def plot_loss(workdir: str, out_name: str = "loss.png") -> str | None:
   return path
 
 
-def _plain(v):
+def plain(v):
   v = np.asarray(v)
   return v.item() if v.ndim == 0 else [float(x) for x in v.reshape(-1)]
 

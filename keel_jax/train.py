@@ -285,7 +285,8 @@ def train(config, workdir: str) -> dict:
 
   eval_batches = None
   last: dict = {}
-  window = {"loss": [], "t0": time.perf_counter(), "steps": 0}
+  # Throughput window; time spent in eval and checkpointing is excluded from tokens/s.
+  window = {"loss": [], "t0": time.perf_counter(), "steps": 0, "excluded": 0.0}
   skipped = 0
 
   def fetch(step: int, out) -> None:
@@ -303,7 +304,7 @@ def train(config, workdir: str) -> dict:
     window["loss"].append(float(out["train/loss"]))
     window["steps"] += 1
     if t.log_every and (step % t.log_every == 0 or step == t.num_steps):
-      dt = time.perf_counter() - window["t0"]
+      dt = time.perf_counter() - window["t0"] - window["excluded"]
       tps = window["steps"] * tokens_per_step / max(dt, 1e-9)
       row = {k: v for k, v in out.items() if k.startswith("train/")}
       row["train/loss"] = float(np.mean(window["loss"]))
@@ -315,7 +316,7 @@ def train(config, workdir: str) -> dict:
       writer.write(step, row)
       writer.progress(step, row["train/loss"], tps)
       last = {**last, **row}
-      window.update(loss=[], t0=time.perf_counter(), steps=0)
+      window.update(loss=[], t0=time.perf_counter(), steps=0, excluded=0.0)
 
   pending = None
   with _Preemption() as preempt, jax.set_mesh(s.mesh):
@@ -336,8 +337,11 @@ def train(config, workdir: str) -> dict:
         if save or preempt.requested:
           fetch(*pending)  # never checkpoint a state that has not been checked finite
           pending = None
+          t_aside = time.perf_counter()
           ckpt.save(done, state, force=True)
+          window["excluded"] += time.perf_counter() - t_aside
         if (t.eval_every and done % t.eval_every == 0) or done == t.num_steps:
+          t_aside = time.perf_counter()
           if eval_batches is None:
             eval_batches = [
               _global_batch(s, b, batch_sharding)
@@ -368,5 +372,26 @@ def train(config, workdir: str) -> dict:
       ckpt.close()
       writer.close()
   if lead and os.path.exists(writer.path):
-    metrics.plot_loss(workdir)
-  return last
+    path = metrics.plot_loss(workdir)
+    print(f"loss curve: {path}", flush=True)
+  if lead and t.sample_prompt and not preempt.requested:
+    _print_sample(s, state["params"], t.sample_prompt)
+  return {k: metrics.plain(v) for k, v in last.items()}
+
+
+def _print_sample(s: Setup, params, prompt: str) -> None:
+  from keel_jax import sample
+
+  tok = s.dataset.tokenizer
+  (out,) = sample.generate(
+    s.model_cfg,
+    jax.device_get(params),
+    [[tok.bos_id] + tok.encode(prompt)],
+    256,
+    vocab=tok.vocab_size,
+    temperature=0.7,
+    top_k=40,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+  )
+  print(f"sample (temperature 0.7, top-k 40):\n{prompt}{tok.decode(out)}", flush=True)
