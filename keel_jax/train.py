@@ -221,7 +221,25 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _global_batch(s: Setup, local: dict, batch_sharding) -> dict:
+def host_block(batch_sharding, batch_size: int, seq_len: int) -> tuple[int, int]:
+  """(index, count) of the contiguous block of global batch rows this process feeds.
+
+  Read off the sharding rather than assumed from the process index: the mesh's
+  device order decides which rows land on this host's devices.
+  """
+  index_map = batch_sharding.addressable_devices_indices_map((batch_size, seq_len))
+  ranges = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
+  lo, hi = ranges[0][0], ranges[-1][1]
+  contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+  if not contiguous or batch_size % (hi - lo) or lo % (hi - lo):
+    raise ValueError(
+      f"this host's batch rows {ranges} are not one aligned block of {batch_size}; "
+      "order config.mesh.axes so that 'data'/'fsdp' follow the host boundaries"
+    )
+  return lo // (hi - lo), batch_size // (hi - lo)
+
+
+def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
@@ -244,6 +262,7 @@ def train(config, workdir: str) -> dict:
   # ---- Sharded state: created directly on the mesh, or restored onto it.
   abstract, shardings, init_fn = abstract_state(s)
   batch_sharding = sharding.batch_sharding(s.mesh, s.rules)
+  block = host_block(batch_sharding, t.batch_size, config.data.seq_len)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     if ckpt.latest_step() is not None:
@@ -322,11 +341,7 @@ def train(config, workdir: str) -> dict:
   with _Preemption() as preempt, jax.set_mesh(s.mesh):
     try:
       for step in range(start, t.num_steps):
-        batch = _global_batch(
-          s,
-          s.dataset.train_batch(step, t.batch_size, jax.process_index(), jax.process_count()),
-          batch_sharding,
-        )
+        batch = _global_batch(s.dataset.train_batch(step, t.batch_size, *block), batch_sharding)
         state, out = train_fn(state, batch)
         # Fetch step-1's metrics only now, with step queued: the device never waits on the host.
         if pending is not None:
@@ -344,10 +359,8 @@ def train(config, workdir: str) -> dict:
           t_aside = time.perf_counter()
           if eval_batches is None:
             eval_batches = [
-              _global_batch(s, b, batch_sharding)
-              for b in s.dataset.eval_batches(
-                t.batch_size, t.eval_batches, jax.process_index(), jax.process_count()
-              )
+              _global_batch(b, batch_sharding)
+              for b in s.dataset.eval_batches(t.batch_size, t.eval_batches, *block)
             ]
           row = evaluate(s, eval_fn, state["params"], eval_batches)
           writer.write(done, row)
