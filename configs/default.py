@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat_policy = "full"  # none | full | dots | dots_no_batch | names
   m.remat_save_names = ()
   m.nested_remat = False  # √L nested remat for 1000+ sub-layers
+  m.attention_impl = "auto"  # auto | reference | blocked | sdpa | splash (auto: per backend)
 
   c.data = d = ml_collections.ConfigDict()
   d.name = "pycode"  # pycode | kjv | arith | any TFDS text dataset, e.g. lm1b, tiny_shakespeare
@@ -42,6 +43,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.seq_len = 128
   d.data_dir = ""  # TFDS data_dir ('' → TFDS default); may be gs://
   d.cache_dir = ""  # where embedded corpora and tokenizers are prepared ('' → ~/.cache/keel_jax)
+  d.text_feature = "text"  # TFDS: the feature holding each document's text
+  d.train_split = "train"  # TFDS: training split (slices like 'train[:10%]' work)
+  d.eval_split = ""  # TFDS: eval split ('' → validation if the dataset has one, else test)
+  d.val_fraction = 0.05  # pycode | kjv | arith: documents held out, chosen by a hash of their key
+  d.max_train_tokens = 0  # 0 → all; cap on prepared train tokens (set one for c4-sized sets)
+  d.max_eval_tokens = 2_000_000  # cap on prepared validation tokens
+  d.spm_vocab_size = 8192  # sentencepiece: pieces, trained on a sample of the train split
+  d.spm_train_chars = 5_000_000  # sentencepiece: characters sampled for training
+  d.spm_model = ""  # sentencepiece: a trained .model to load ('' → train one into cache_dir)
+  d.arith_steps = 4  # arith: register updates per problem (the difficulty)
+  d.arith_num_problems = 100_000  # arith: problems generated (train + validation)
 
   c.train = t = ml_collections.ConfigDict()
   t.seed = 0
