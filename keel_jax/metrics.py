@@ -35,7 +35,7 @@ class Writer:
     for k, v in row.items():
       if k != "step" and isinstance(v, float) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
-      elif isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+      elif isinstance(v, list) and v and all(isinstance(x, float) and math.isfinite(x) for x in v):
         self._tb.add_histogram(k, np.asarray(v), step)
     self._tb.flush()
 

@@ -30,8 +30,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load(workdir: str, step: int | None = None) -> Run:
-  """The run's setup and parameters at `step` (default: the latest valid checkpoint)."""
+  """The run's setup and parameters at `step` (default: the latest valid checkpoint).
+
+  The training mesh is not reused: the checkpoint is restored data-parallel onto
+  whatever devices this process has (e.g. a pod run sampled on a laptop).
+  """
   config = load_config(workdir)
+  config.mesh.shape = (-1,) + (1,) * (len(config.mesh.axes) - 1)
   s = train.setup(config, workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6)
   try:

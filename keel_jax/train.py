@@ -143,7 +143,7 @@ def make_train_step(s: Setup):
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss_value = nll / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = s.tx.update(grads, state["opt_state"], params)
     new = {
       "step": state["step"] + 1,
@@ -157,8 +157,8 @@ def make_train_step(s: Setup):
     out = {
       "train/loss": loss_value,
       "train/grad_norm": grad_norm,
-      "train/param_norm": optax.global_norm(params),
-      "train/update_norm": optax.global_norm(updates),
+      "train/param_norm": optax.tree.norm(params),
+      "train/update_norm": optax.tree.norm(updates),
       "train/learning_rate": s.schedule(state["step"]),
       "train/tokens": count,
       "finite": finite,

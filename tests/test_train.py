@@ -10,27 +10,29 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import smoke
-from keel_jax import metrics, train
+from keel_jax import metrics, restore, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def final_params(workdir):
-  """The newest checkpoint's params as numpy (read without the trainer's code)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-  step = mngr.latest_step()
-  state = mngr.restore(step)
-  mngr.close()
-  return step, jax.tree.map(np.asarray, state["params"])
+  """The newest checkpoint's step and params (as numpy), restored onto this process's devices."""
+  run = restore.load(str(workdir))
+  return run.step, jax.tree.map(np.asarray, run.params)
 
 
 def run_cli(workdir, *overrides, env=None, check=True):
-  cmd = [sys.executable, "-m", "keel_jax.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", *overrides]
+  cmd = [
+    sys.executable,
+    "-m",
+    "keel_jax.main",
+    "--config=configs/smoke.py",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,8 +51,13 @@ def test_learns_and_writes_everything(smoke_run):
   rows = metrics.read(workdir)
   train_rows = [r for r in rows if "train/loss" in r]
   assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"] - 0.3
-  for key in ("train/loss", "train/grad_norm", "train/learning_rate", "train/tokens_per_sec",
-              "train/mfu"):
+  for key in (
+    "train/loss",
+    "train/grad_norm",
+    "train/learning_rate",
+    "train/tokens_per_sec",
+    "train/mfu",
+  ):
     assert np.isfinite(train_rows[-1][key]), key
   eval_rows = [r for r in rows if "eval/loss" in r]
   assert [r["step"] for r in eval_rows] == [6, 12]
@@ -108,10 +115,12 @@ def run_sharded(workdir, shape, steps, devices=8):
   code = SHARDED.format(root=ROOT, steps=steps, shape=shape, workdir=str(workdir))
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   if devices == 1:
-    code = code.replace("--xla_force_host_platform_device_count=8",
-                        "--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                        timeout=600)
+    code = code.replace(
+      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1"
+    )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return [(r["step"], r["train/loss"]) for r in metrics.read(workdir) if "train/loss" in r]
 
@@ -129,8 +138,9 @@ def test_sharded_matches_single_device_and_restores_across_meshes(tmp_path):
     shutil.rmtree(tmp_path / name / "checkpoints" / "12")
     os.remove(tmp_path / name / "metrics.jsonl")
     losses = run_sharded(tmp_path / name, shape, 12, devices=devices)
-    np.testing.assert_allclose([v for _, v in losses], [v for s, v in reference if s > 8],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+      [v for _, v in losses], [v for s, v in reference if s > 8], rtol=1e-4
+    )
     (_, a), (_, b) = final_params(tmp_path / name), final_params(tmp_path / "sharded")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
@@ -138,11 +148,17 @@ def test_sharded_matches_single_device_and_restores_across_meshes(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "preempted"
-  cmd = [sys.executable, "-m", "keel_jax.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", "--config.train.num_steps=100000",
-         "--config.train.checkpoint_every=0", "--config.train.eval_every=0"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "keel_jax.main",
+    "--config=configs/smoke.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=0",
+    "--config.train.eval_every=0",
+  ]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and not any("train/loss" in r for r in metrics.read(workdir)):
     time.sleep(0.5)
@@ -158,8 +174,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_nonfinite_stops_with_last_good_checkpoint(tmp_path):
   cfg = smoke.get_config()
   # An absurd LR without clipping blows the parameters up after the first checkpoint.
-  cfg.train.update(learning_rate=1e12, grad_clip=0.0, warmup_steps=0, schedule="constant",
-                   checkpoint_every=1, num_steps=50)
+  cfg.train.update(
+    learning_rate=1e12,
+    grad_clip=0.0,
+    warmup_steps=0,
+    schedule="constant",
+    checkpoint_every=1,
+    num_steps=50,
+  )
   with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradient at step \d+"):
     train.train(cfg, str(tmp_path / "stop"))
   step, params = final_params(tmp_path / "stop")
