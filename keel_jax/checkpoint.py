@@ -1,0 +1,209 @@
+"""Checkpoints: an Orbax `CheckpointManager` that saves asynchronously and restores past corruption.
+
+  ckpt = Checkpointer(workdir + "/checkpoints", keep=3)
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore(abstract_state)  # ShapeDtypeStructs for the CURRENT mesh
+  ckpt.save(step, state)  # returns once the arrays are copied to host; writes in the background
+  ckpt.close()  # waits, and raises if a background save failed
+
+Each step is written to a temporary directory that Orbax renames into place only when complete, so
+a crash mid-save never leaves a half-written step that looks finished. Steps are never overwritten
+or deleted except by keep-K pruning; unreadable or superseded ones are renamed `<step>.<reason>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be saved or restored; the message says which and why."""
+
+
+def _one_line(e: BaseException) -> str:
+  """The innermost cause, first line, without TensorStore's multi-kilobyte spec dump."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+  return f"{type(e).__name__}: {text[:500]}"
+
+
+def _all_processes(ok: bool) -> bool:
+  """True only if `ok` holds on every process, so all hosts fall back to the same step."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+class Checkpointer:
+  """Keeps the newest `keep` checkpoints of a training-state pytree under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"keep={keep}: keep at least 1 checkpoint (config.train.keep_checkpoints)")
+    # Orbax resolves relative paths against the cwd of each host; make it explicit.
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+      enable_async_checkpointing=async_save,
+      # Orbax 0.12 creates the step directory in a background thread by default; when that fails
+      # (read-only or full disk) its sibling threads wait 300 s for a signal that never comes and
+      # hold up interpreter exit. Creating it up front makes such errors raise from save() at once.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+      create=True,
+      cleanup_tmp_directories=True,  # drop half-written steps left by a crash
+    )
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except Exception as e:
+      raise CheckpointError(
+        f"cannot open checkpoint directory {self.directory}: {_one_line(e)}"
+      ) from e
+    self._pending: int | None = None  # step of the save still running in the background
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, *, force: bool = False) -> None:
+    """Starts saving `state` as `step`; returns once the arrays are on host (safe to donate).
+
+    A step that exists already is not saved again. A step older than the latest checkpoint is
+    skipped with a warning, unless `force`: the run has branched from an older checkpoint, so
+    the newer steps are renamed `<step>.superseded` (kept, but never resumed from) first.
+    """
+    self.wait()  # a failure of the previous save is reported as that step's, not this one's
+    steps = self.all_steps()
+    if step in steps:
+      log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
+      return
+    newer = [s for s in steps if s > step]
+    if newer and not force:
+      log.warning(
+        "not saving step %d: %s already holds newer steps %s (force=True moves them aside)",
+        step,
+        self.directory,
+        newer,
+      )
+      return
+    if newer:
+      self._move_aside(newer, "superseded")
+    try:
+      # force=True: we have decided; Orbax's own policy silently skips steps <= its latest.
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:
+      raise self._save_failed(step, e) from e
+    self._pending = step
+
+  def wait(self) -> None:
+    """Blocks until the background save is on disk; raises CheckpointError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(step, e) from e
+
+  def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
+    """Cleans up after a failed save and returns the error to raise."""
+    # Orbax dropped the steps this save would have pruned from its list (not from disk).
+    self._manager.reload()
+    if step is not None and jax.process_index() == 0:
+      # A half-written step can be most of a full disk; the previous steps are untouched.
+      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        try:
+          partial.rmtree()
+        except OSError as cleanup_error:
+          log.warning("could not remove partial checkpoint %s: %s", partial, cleanup_error)
+    return CheckpointError(
+      f"saving checkpoint step {step} to {self.directory} failed: {_one_line(e)}"
+    )
+
+  def restore(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
+    """Returns (state, step) for `step`, or for the newest readable checkpoint.
+
+    `abstract_state` is a tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` built for the
+    current mesh, so a checkpoint written on any mesh restores onto this one. Without `step`, an
+    unreadable checkpoint is logged and the previous one tried; once one restores, the unreadable
+    newer ones are renamed `<step>.corrupt`. Raises CheckpointError if none can be read.
+    """
+    # Orbax would quietly put a leaf without a sharding whole on one device.
+    unplaced = [
+      jax.tree_util.keystr(path)
+      for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+      if getattr(x, "sharding", None) is None
+    ]
+    if unplaced:
+      raise ValueError(
+        f"abstract_state has leaves without a sharding, e.g. {unplaced[:3]}: build it as "
+        "jax.ShapeDtypeStruct(shape, dtype, sharding=...) for the current mesh"
+      )
+    self.wait()
+    self._manager.reload()  # the directory may have changed on disk since we listed it
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints in {self.directory}")
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(
+          f"no checkpoint step {step} in {self.directory}; it has {steps[::-1]}"
+        )
+      steps = [step]  # an explicitly requested step does not fall back
+    failed: list[tuple[int, Exception]] = []
+    for s in steps:
+      error = None
+      try:
+        state = self._manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
+      except Exception as e:  # which error a damaged file raises depends on the file
+        error = e
+      if _all_processes(error is None):
+        if failed:  # so that training can write those steps again
+          self._move_aside([f for f, _ in failed], "corrupt")
+        return state, s
+      error = error or CheckpointError("another process could not read it")
+      failed.append((s, error))
+      if s != steps[-1]:
+        log.warning(
+          "checkpoint step %d in %s is unreadable (%s); trying the previous one",
+          s,
+          self.directory,
+          _one_line(error),
+        )
+    newest, error = failed[0]
+    raise CheckpointError(
+      f"no readable checkpoint in {self.directory} (tried steps {steps}); "
+      f"step {newest}: {_one_line(error)}"
+    ) from error
+
+  def _move_aside(self, steps: list[int], reason: str) -> None:
+    """Renames steps to `<step>.<reason>`: kept for inspection, invisible to Orbax."""
+    if jax.process_index() == 0:
+      for s in steps:
+        dst, n = self.directory / f"{s}.{reason}", 0
+        while dst.exists():
+          n += 1
+          dst = self.directory / f"{s}.{reason}.{n}"
+        (self.directory / str(s)).rename(dst)
+        log.warning("moved checkpoint step %d aside to %s (%s)", s, dst, reason)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"keel_jax.checkpoint.move_aside.{reason}")
+    self._manager.reload()
+
+  def close(self) -> None:
+    """Waits for the background save (raising if it failed) and releases Orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
