@@ -94,5 +94,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("layer_groups", None),  # the outer scan of nested remat
   )
   return c

@@ -5,7 +5,6 @@ peers itself); elsewhere also give --coordinator_address, --num_processes and
 --process_id.
 """
 
-import os
 import sys
 
 from absl import app, flags
@@ -26,15 +25,16 @@ def main(argv):
   import jax
 
   if FLAGS.distributed or FLAGS.num_processes:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Set unconditionally: only CPU devices read it, and asking jax.default_backend() first
+    # would start the backend, after which initialize() refuses to run.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-  from keel_jax import train
+  from keel_jax import checkpoint, train
 
   try:
     train.train(FLAGS.config, FLAGS.workdir)
-  except (ValueError, train.NonFiniteError) as e:
+  except (ValueError, train.NonFiniteError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

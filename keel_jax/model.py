@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from keel_jax import residual
+from keel_jax import attention, residual
 from keel_jax.layers import FFN, Attention, Norm, normal
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
@@ -49,8 +49,12 @@ class ModelConfig:
   remat_policy: str = "full"  # one of REMAT_POLICIES
   remat_save_names: tuple[str, ...] = ()  # with remat_policy="names", e.g. ("attn_heads",)
   nested_remat: bool = False  # √L nested remat: keep ~2√L carries instead of L
+  attention_impl: str = "auto"  # one of attention.IMPLS; auto → the fastest correct one
 
   def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"config.model.{name}={getattr(self, name)!r} must be a positive int")
     for name in ("head_dim", "d_ff"):
       if getattr(self, name) == 0:
         default = self.d_model // self.num_heads if name == "head_dim" else 3 * self.d_model
@@ -107,6 +111,10 @@ class ModelConfig:
       f"config.model.keel_alpha={self.keel_alpha}: the paper needs α > 1 (0 means α = L)",
     )
     need(0.0 <= self.mix_ln_fraction <= 1.0, "config.model.mix_ln_fraction must be in [0, 1]")
+    need(
+      self.attention_impl in attention.IMPLS,
+      f"config.model.attention_impl={self.attention_impl!r}; choose one of {attention.IMPLS}",
+    )
 
   @property
   def num_sublayers(self) -> int:
@@ -135,7 +143,8 @@ class Block(nn.Module):
     beta_std = cfg.init_std * rule.beta
     attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
                      init_std=cfg.init_std, value_out_std=beta_std, dtype=dtype,
-                     param_dtype=param_dtype, decode=self.decode, name="attn")  # fmt: skip
+                     param_dtype=param_dtype, attention_fn=attention.get(cfg.attention_impl),
+                     decode=self.decode, name="attn")  # fmt: skip
     ffn = FFN(cfg.d_ff, cfg.ffn, beta_std, dtype, param_dtype, name="ffn")
 
     rms = []
@@ -170,15 +179,15 @@ def remat_policy(cfg: ModelConfig):
   }[cfg.remat_policy]
 
 
-def scan(module_cls, length: int):
-  """`module_cls` applied `length` times, parameters stacked on a `layers` axis."""
+def scan(module_cls, length: int, axis: str = "layers"):
+  """`module_cls` applied `length` times, parameters stacked on a leading `axis`."""
   return nn.scan(
     module_cls,
     variable_axes={"params": 0, "intermediates": 0, "cache": 0},
     split_rngs={"params": True},
     in_axes=(nn.broadcast,),
     length=length,
-    metadata_params={nn.PARTITION_NAME: "layers"},
+    metadata_params={nn.PARTITION_NAME: axis},
   )
 
 
@@ -224,7 +233,8 @@ class Segment(nn.Module):
     if groups > 1 and size > 1:
       # Outer scan saves only one carry per group; each group's inner scan is
       # recomputed during the backward pass, so ~groups + size carries are live.
-      outer = scan(nn.remat(Group, prevent_cse=False), groups)
+      # Its own axis name: a spec may not name `layers` twice.
+      outer = scan(nn.remat(Group, prevent_cse=False), groups, axis="layer_groups")
       x_BxTxD, _ = outer(cfg, self.rule, size, self.decode, name="groups")(x_BxTxD, positions_BxT)
       n -= groups * size
       if n == 0:
@@ -300,19 +310,22 @@ def segments(tree) -> list[Any]:
   return [_per_block(tree[f"segment_{i}"]) for i in range(n)]
 
 
-def sublayer_norms(params_like) -> jnp.ndarray:
-  """L2 norm of each sub-layer's parameters (or grads), shape [2·num_blocks].
+def sublayer_norms(params_like, rms: bool = False) -> jnp.ndarray:
+  """L2 norm (or RMS) of each sub-layer's parameters (or grads), shape [2·num_blocks].
 
   Reduces stacked leaves over their non-layer axes: no unrolling, cheap under jit.
   Order is attn_0, ffn_0, attn_1, ffn_1, ...
   """
   out = []
   for seg in segments(params_like):
-    sq = {}
+    sq, size = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(seg)[0]:
       kind = "attn" if str(path[0].key).startswith("attn") else "ffn"
       leaf_sq = jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
       sq[kind] = sq.get(kind, 0.0) + leaf_sq
+      size[kind] = size.get(kind, 0) + leaf.size // leaf.shape[0]
+    if rms:
+      sq = {k: v / size[k] for k, v in sq.items()}
     out.append(jnp.stack([sq["attn"], sq["ffn"]], axis=1).reshape(-1))
   return jnp.sqrt(jnp.concatenate(out))
 

@@ -85,6 +85,13 @@ def setup(config, workdir: str, devices=None) -> Setup:
       f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
     )
   dataset = data.make(config.data, seed=t.seed)
+  if dataset.num_train_windows < t.batch_size:  # trains, but rarely what was meant
+    logging.warning(
+      "the train split has %d sequences of config.data.seq_len + 1 tokens, fewer than "
+      "config.train.batch_size=%d: every batch repeats sequences",
+      dataset.num_train_windows,
+      t.batch_size,
+    )
   model_cfg = model_config(config, dataset.tokenizer.vocab_size)
   return Setup(
     config, model_cfg, dataset, mesh, rules, optimizer.optimizer(t), optimizer.schedule(t)
@@ -165,7 +172,8 @@ def make_train_step(s: Setup):
     }
     if t.diag_every:
       out["diag/grad_norm_per_sublayer"] = sublayer_norms(grads)
-      out["diag/param_norm_per_sublayer"] = sublayer_norms(params)
+      out["diag/grad_rms_per_sublayer"] = sublayer_norms(grads, rms=True)
+      out["diag/param_rms_per_sublayer"] = sublayer_norms(params, rms=True)
     return new, out
 
   return step
