@@ -1,4 +1,6 @@
 # One-command set-up: every target creates .venv and installs what it needs.
+# The tpu extra (libtpu, ~700 MB) is installed too: the tests AOT-compile for TPU pods on CPU.
+# JAX_PLATFORMS=cpu keeps JAX on the CPU and libtpu quiet when no TPU is attached.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,notebooks]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,notebooks,tpu]"
 	touch $(STAMP)
 
 install: $(STAMP)
