@@ -10,6 +10,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from keel_jax.metrics import quiet_libraries
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py[:arg].")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plots go here; reruns resume.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
@@ -22,6 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  quiet_libraries()
   import jax
 
   if FLAGS.distributed or FLAGS.num_processes:

@@ -64,6 +64,14 @@ class Writer:
       print(file=sys.stderr)
 
 
+def quiet_libraries() -> None:
+  """Orbax and friends log every file operation at INFO via absl; keep the console readable."""
+  from absl import logging
+
+  if logging.get_verbosity() > logging.WARNING:
+    logging.set_verbosity(logging.WARNING)
+
+
 def read(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from keel_jax.metrics import quiet_libraries
 from keel_jax.model import LM, ModelConfig
 
 _PAD_POS = jnp.iinfo(jnp.int32).max  # a position no query ever reaches: hides left padding
@@ -138,6 +139,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  quiet_libraries()
   from keel_jax import restore
 
   if not FLAGS.workdir:

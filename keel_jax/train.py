@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from keel_jax import checkpoint, data, flops, loss, metrics, optimizer, sharding
 from keel_jax.model import LM, ModelConfig, sublayer_norms
@@ -207,13 +208,26 @@ def evaluate(s: Setup, eval_fn, params, batches) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so the step in flight completes and is saved."""
+  """Turns SIGTERM into a flag the loop polls, so the step in flight completes and is saved.
+
+  With several processes each must save the same step (a save is collective; one host saving
+  alone deadlocks), so there JAX's preemption service catches SIGTERM and picks the step.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._sync = jax.process_count() > 1
+
+  def poll(self, step: int) -> bool:
+    """Whether to save `step` and stop; call it at every step (the hosts compare steps)."""
+    if self._sync and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
+    if self._sync:  # our handler would hide SIGTERM from the preemption service
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. notebooks): no preemption handling
@@ -275,7 +289,8 @@ def train(config, workdir: str) -> dict:
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     if ckpt.latest_step() is not None:
       state, start = ckpt.restore(abstract)
-      logging.info("resumed from step %d", start)
+      if jax.process_index() == 0:
+        print(f"resumed from the checkpoint at step {start}", flush=True)
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
       start = 0
@@ -346,7 +361,8 @@ def train(config, workdir: str) -> dict:
       window.update(loss=[], t0=time.perf_counter(), steps=0, excluded=0.0)
 
   pending = None
-  with _Preemption() as preempt, jax.set_mesh(s.mesh):
+  # The steps trace at their first call: the rules must be active here, not only at jit().
+  with _Preemption() as preempt, jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     try:
       for step in range(start, t.num_steps):
         batch = _global_batch(s.dataset.train_batch(step, t.batch_size, *block), batch_sharding)
@@ -357,7 +373,8 @@ def train(config, workdir: str) -> dict:
         pending = (step + 1, out)
         done = step + 1
         save = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.num_steps
-        if save or preempt.requested:
+        stop = preempt.poll(done)
+        if save or stop:
           fetch(*pending)  # never checkpoint a state that has not been checked finite
           pending = None
           t_aside = time.perf_counter()
