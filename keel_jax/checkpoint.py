@@ -9,6 +9,7 @@
 Each step is written to a temporary directory that Orbax renames into place only when complete, so
 a crash mid-save never leaves a half-written step that looks finished. Steps are never overwritten
 or deleted except by keep-K pruning; unreadable or superseded ones are renamed `<step>.<reason>`.
+Each step records a digest of its arrays' bits; one whose contents no longer match is unreadable.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -36,7 +38,61 @@ def _one_line(e: BaseException) -> str:
     e = e.__cause__
   lines = str(e).strip().splitlines()
   text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
-  return f"{type(e).__name__}: {text[:500]}"
+  if len(text) > 500:  # TensorStore names the cause last, after long paths: keep both ends
+    text = f"{text[:200]} ... {text[-300:]}"
+  return f"{type(e).__name__}: {text}"
+
+
+def _mix(v):
+  """A 32-bit integer hash (lowbias32), applied elementwise."""
+  v = (v ^ (v >> 16)) * jnp.uint32(0x7FEB352D)
+  v = (v ^ (v >> 15)) * jnp.uint32(0x846CA68B)
+  return v ^ (v >> 16)
+
+
+@jax.jit
+def _leaf_digests(leaves):
+  """Per leaf, the sum mod 2^32 of hash(bits, global index): any mesh gives the same value."""
+  out = []
+  for x in leaves:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    v = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    if v.dtype == jnp.uint64:
+      v = v ^ (v >> 32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for d in reversed(range(x.ndim)):  # iota, not a reshape: keeps the leaf's sharding
+      index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+      stride *= x.shape[d]
+    out.append(jnp.sum(_mix(v.astype(jnp.uint32) ^ _mix(index)), dtype=jnp.uint32))
+  return out
+
+
+def digest(state) -> dict[str, int]:
+  """{leaf path: 32-bit digest of its contents}: saved with each step, checked on restore.
+
+  Orbax stores no checksum of array data, so flipped bytes would otherwise restore silently.
+  """
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0], strict=True)
+  values = _leaf_digests(list(leaves))
+  # Replicated scalars: every process reads its own copy.
+  return {
+    jax.tree_util.keystr(p): int(np.asarray(v.addressable_data(0)))
+    for p, v in zip(paths, values, strict=True)
+  }
+
+
+def _check_digest(state, saved: dict | None) -> None:
+  if not saved or "keel_digest" not in saved:
+    return  # written before digests were recorded
+  now, then = digest(state), saved["keel_digest"]
+  bad = [k for k in then if now.get(k) != then[k]] or sorted(set(now) - set(then))
+  if bad:
+    raise CheckpointError(
+      f"contents differ from the digest saved with them ({len(bad)} arrays, e.g. {bad[0]})"
+    )
 
 
 def _all_processes(ok: bool) -> bool:
@@ -71,6 +127,7 @@ class Checkpointer:
         f"cannot open checkpoint directory {self.directory}: {_one_line(e)}"
       ) from e
     self._pending: int | None = None  # step of the save still running in the background
+    self._failed: set[int | None] = set()  # steps whose failed save has been raised
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -103,7 +160,12 @@ class Checkpointer:
       self._move_aside(newer, "superseded")
     try:
       # force=True: we have decided; Orbax's own policy silently skips steps <= its latest.
-      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      self._manager.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        force=True,
+        custom_metadata={"keel_digest": digest(state)},
+      )
     except Exception as e:
       raise self._save_failed(step, e) from e
     self._pending = step
@@ -118,18 +180,23 @@ class Checkpointer:
 
   def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
     """Cleans up after a failed save and returns the error to raise."""
+    self._failed.add(step)
     # Orbax dropped the steps this save would have pruned from its list (not from disk).
     self._manager.reload()
-    if step is not None and jax.process_index() == 0:
-      # A half-written step can be most of a full disk; the previous steps are untouched.
-      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        try:
-          partial.rmtree()
-        except OSError as cleanup_error:
-          log.warning("could not remove partial checkpoint %s: %s", partial, cleanup_error)
+    self._remove_partial(step)
     return CheckpointError(
       f"saving checkpoint step {step} to {self.directory} failed: {_one_line(e)}"
     )
+
+  def _remove_partial(self, step: int | None) -> None:
+    """Deletes a failed save's temporary directory: it can be most of a full disk."""
+    if step is None or jax.process_index() != 0:
+      return
+    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      try:
+        partial.rmtree()
+      except OSError as cleanup_error:
+        log.warning("could not remove partial checkpoint %s: %s", partial, cleanup_error)
 
   def restore(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
     """Returns (state, step) for `step`, or for the newest readable checkpoint.
@@ -166,8 +233,14 @@ class Checkpointer:
       error = None
       try:
         state = self._manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
+        saved = self._manager.metadata(s).custom_metadata
       except Exception as e:  # which error a damaged file raises depends on the file
         error = e
+      if _all_processes(error is None):
+        try:  # a collective computation: only once every process holds the state
+          _check_digest(state, saved)
+        except CheckpointError as e:
+          error = e
       if _all_processes(error is None):
         if failed:  # so that training can write those steps again
           self._move_aside([f for f, _ in failed], "corrupt")
@@ -206,4 +279,13 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as e:
+        # After a failed save Orbax raises its error again here, from leftover threads; it has
+        # been reported, and raising now would replace the CheckpointError being propagated.
+        if not self._failed:
+          raise CheckpointError(f"closing {self.directory} failed: {_one_line(e)}") from e
+        log.info("closing %s after a failed save: %s", self.directory, _one_line(e))
+      for step in self._failed:  # again: writers still running then may have recreated parts
+        self._remove_partial(step)
