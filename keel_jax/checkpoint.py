@@ -280,6 +280,9 @@ class Checkpointer:
       self.wait()
     finally:
       try:
+        # Orbax awaits its start-up tmp-dir clean-up only inside save(); a manager closed
+        # without saving would otherwise race that thread at interpreter exit.
+        self._manager._maybe_await_cleanup_tmp_directory()
         self._manager.close()
       except Exception as e:
         # After a failed save Orbax raises its error again here, from leftover threads; it has

@@ -21,12 +21,22 @@ class Run:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     raise FileNotFoundError(
       f"no config.json in {workdir!r}: is it a workdir written by python -m keel_jax.main?"
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(_tuples(json.load(f)))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def setup(config) -> train.Setup:
+  """`train.setup` for reading a run: data-parallel on this process's devices, no writes."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh.shape = (-1,) + (1,) * (len(config.mesh.axes) - 1)
+  return train.setup(config, workdir=None)
 
 
 def load(workdir: str, step: int | None = None) -> Run:
@@ -34,21 +44,33 @@ def load(workdir: str, step: int | None = None) -> Run:
 
   The training mesh is not reused: the checkpoint is restored data-parallel onto
   whatever devices this process has (e.g. a pod run sampled on a laptop).
+  Raises FileNotFoundError, ValueError or checkpoint.CheckpointError with one line.
   """
   config = load_config(workdir)
-  config.mesh.shape = (-1,) + (1,) * (len(config.mesh.axes) - 1)
-  s = train.setup(config, workdir)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6)
+  directory = os.path.join(workdir, "checkpoints")
+  # Steps are checked on disk before Orbax opens the directory: opening it creates the directory
+  # and starts a clean-up thread that logs a traceback if the process exits before it is done.
+  steps = _step_dirs(directory)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {steps}")
+  s = setup(config)
+  abstract, _, _ = train.abstract_state(s)
+  ckpt = checkpoint.Checkpointer(directory, keep=10**6)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first")
-    if step is not None and step not in ckpt.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step}; available: {ckpt.all_steps()}")
-    abstract, _, _ = train.abstract_state(s)
     state, restored = ckpt.restore(abstract, step)
   finally:
     ckpt.close()
   return Run(s, state["params"], restored)
+
+
+def _step_dirs(directory: str) -> list[int]:
+  """Steps saved under `directory`: Orbax names a finished step's directory by its number."""
+  if not os.path.isdir(directory):
+    return []
+  names = os.listdir(directory)
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 def _tuples(x):

@@ -62,13 +62,15 @@ def _check_writable(workdir: str) -> None:
     raise ValueError(f"workdir {workdir!r} is not writable (checked {path}); choose another")
 
 
-def setup(config, workdir: str, devices=None) -> Setup:
+def setup(config, workdir: str | None, devices=None) -> Setup:
   """Validates the whole config and builds data, model config, mesh and optimizer.
 
   Raises ValueError with one line saying what to change; writes nothing to workdir.
+  With workdir=None (reading a finished run) the training-only checks are skipped.
   """
   t = config.train
-  _check_writable(workdir)
+  if workdir is not None:
+    _check_writable(workdir)
   optimizer.validate(t)
   for name in ("log_every", "eval_every", "checkpoint_every", "diag_every"):
     if t[name] < 0:
@@ -80,13 +82,13 @@ def setup(config, workdir: str, devices=None) -> Setup:
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.mesh)
   dp = sharding.data_parallel_size(mesh, rules)
-  if t.batch_size % (dp * t.grad_accum_steps):
+  if workdir is not None and t.batch_size % (dp * t.grad_accum_steps):
     raise ValueError(
       f"config.train.batch_size={t.batch_size} must divide by data parallelism ({dp}) × "
       f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
     )
   dataset = data.make(config.data, seed=t.seed)
-  if dataset.num_train_windows < t.batch_size:  # trains, but rarely what was meant
+  if workdir is not None and dataset.num_train_windows < t.batch_size:  # rarely what was meant
     logging.warning(
       "the train split has %d sequences of config.data.seq_len + 1 tokens, fewer than "
       "config.train.batch_size=%d: every batch repeats sequences",
@@ -424,7 +426,7 @@ def _print_sample(s: Setup, params, prompt: str) -> None:
   (out,) = sample.generate(
     s.model_cfg,
     jax.device_get(params),
-    [[tok.bos_id] + tok.encode(prompt)],
+    [sample.encode_prompt(tok, prompt)],
     256,
     vocab=tok.vocab_size,
     temperature=0.7,
