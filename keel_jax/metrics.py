@@ -87,12 +87,11 @@ def plot_loss(workdir: str, out_name: str = "loss.png") -> str | None:
   evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
   if not train:
     return None
-  import matplotlib
+  # A bare Figure, not pyplot: switching backends would break inline plots in notebooks.
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
   ax.plot(*zip(*train, strict=True), label="train")
   if evals:
     ax.plot(*zip(*evals, strict=True), "o-", label="eval")
@@ -104,7 +103,6 @@ def plot_loss(workdir: str, out_name: str = "loss.png") -> str | None:
   path = os.path.join(workdir, out_name)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
