@@ -1,0 +1,98 @@
+"""The benchmark's `ci` preset end to end: every row and target present, every number finite."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ci_config():
+  """configs/benchmark.py:ci, loaded by path (the repo root may not be on sys.path)."""
+  spec = importlib.util.spec_from_file_location(
+    "benchmark_config", os.path.join(ROOT, "configs", "benchmark.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("ci")
+
+
+def expected_rows(c) -> set[tuple[str, str]]:
+  """Row keys (see `_key`) the ci preset must report, derived from its config alone."""
+  rows = {("device", "matmul_peak_measured")}
+  for depth in c.compile.scan_depths:
+    rows.add(("compile", f"scan L={depth}", "compile_s"))
+  for depth in c.compile.unrolled_depths:
+    rows.add(("compile", f"unrolled L={depth}", "compile_s"))
+  d, t = c.step.model["d_model"], c.step.seq_len
+  for impl in c.step.attention_impls:
+    rows.add(("attention", impl, "fwd_bwd_ms"))
+    rows.add(("attention", impl, "speedup_vs_reference"))
+    for metric in ("step_ms", "tokens_per_s", "mfu_measured_peak"):
+      rows.add(("step", f"keel attention={impl} d={d} T={t}", metric))
+  for metric in ("step_ms", "tokens_per_s", "mfu_measured_peak"):
+    rows.add(("step", f"pre_ln attention=blocked d={d} T={t}", metric))
+  rows.add(("step", "keel/pre_ln attention=blocked", "step_time_ratio"))
+  for depth in c.memory.depths:
+    for policy in c.memory.policies:
+      for metric in ("peak_rss_mb", "step_bytes_mb"):
+        rows.add(("memory", f"L={depth} remat={policy}", metric))
+  rows.add(("memory", "baseline (runtime only)", "peak_rss_mb"))
+  for metric in ("params_m", "state_floor_mb", "peak_rss_mb", "step_bytes_mb"):
+    rows.add(("deep", "L=1024", metric))
+  return rows
+
+
+def _key(row: dict) -> tuple:
+  """Row identity, with the parts of the case that carry shapes dropped where they vary."""
+  section, case, metric = row["section"], row["case"], row["metric"]
+  if section == "device":
+    return (section, metric)
+  if section == "attention":
+    return (section, case.split()[0], metric)
+  if section == "deep":
+    return (section, case.split()[0], metric)
+  return (section, case, metric)
+
+
+@pytest.mark.slow
+def test_ci_preset(tmp_path):
+  c = ci_config()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.benchmark", "--config=configs/benchmark.py:ci",
+     f"--workdir={tmp_path}"],
+    capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  got = {_key(r) for r in rows}
+  missing = expected_rows(c) - got
+  assert not missing, f"missing rows: {sorted(missing)}"
+  for r in rows:
+    assert math.isfinite(float(r["value"])), r
+  values = {_key(r): float(r["value"]) for r in rows}
+  assert values["device", "matmul_peak_measured"] > 1.0  # GFLOP/s
+  assert 0 < values["step", "keel/pre_ln attention=blocked", "step_time_ratio"] < 10
+  assert values["deep", "L=1024", "params_m"] > 0
+  # XLA's own accounting is deterministic: √L nested remat must keep less than no remat.
+  deepest = max(c.memory.depths)
+  nested = values["memory", f"L={deepest} remat=nested", "step_bytes_mb"]
+  assert nested < values["memory", f"L={deepest} remat=none", "step_bytes_mb"]
+
+  with open(tmp_path / "targets.csv") as f:
+    targets = list(csv.DictReader(f))
+  assert len(targets) == 4
+  for t in targets:
+    assert t["result"] in ("PASS", "FAIL") and math.isfinite(float(t["measured"])), t
+  md = (tmp_path / "results.md").read_text()
+  assert "| target | measured | threshold | result | note |" in md
+  assert md.strip() in proc.stdout  # the table is printed as written
