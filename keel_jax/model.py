@@ -137,7 +137,7 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT):
+  def __call__(self, x_BxTxD, positions_BxT, keep_2=None):
     cfg, rule = self.cfg, self.rule
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     beta_std = cfg.init_std * rule.beta
@@ -148,20 +148,21 @@ class Block(nn.Module):
     ffn = FFN(cfg.d_ff, cfg.ffn, beta_std, dtype, param_dtype, name="ffn")
 
     rms = []
-    for name, sub_rule, f in (
-      ("attn", rule.attn, lambda h: attn(h, positions_BxT)),
-      ("ffn", rule.ffn, ffn),
+    for i, (name, sub_rule, f) in enumerate(
+      (("attn", rule.attn, lambda h: attn(h, positions_BxT)), ("ffn", rule.ffn, ffn))
     ):
       norm = lambda suffix, name=name: Norm(
         cfg.norm, cfg.norm_eps, param_dtype, name=f"{name}_norm_{suffix}"
       )
-      x_BxTxD = residual.apply(
+      y_BxTxD = residual.apply(
         sub_rule,
         x_BxTxD,
         f,
         norm("in") if sub_rule.norm_in else None,
         norm("out") if sub_rule.norm_out else None,
       )
+      # keep_2[i] == 0 removes this sub-layer: the stream passes through (layer-removal studies).
+      x_BxTxD = y_BxTxD if keep_2 is None else jnp.where(keep_2[i] > 0, y_BxTxD, x_BxTxD)
       x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
       rms.append(jnp.sqrt(jnp.mean(jnp.square(x_BxTxD))))
     # Activation RMS after each sub-layer, for gradient-flow studies (stacked by scan).
@@ -185,7 +186,7 @@ def scan(module_cls, length: int, axis: str = "layers"):
     module_cls,
     variable_axes={"params": 0, "intermediates": 0, "cache": 0},
     split_rngs={"params": True},
-    in_axes=(nn.broadcast,),
+    in_axes=(nn.broadcast, 0),  # positions; per-block keep mask (or None)
     length=length,
     metadata_params={nn.PARTITION_NAME: axis},
   )
@@ -206,12 +207,12 @@ class Group(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT):
+  def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
     block = Block
     if self.cfg.remat_policy != "none":
       block = nn.remat(Block, policy=remat_policy(self.cfg), prevent_cse=False)
     body = scan(block, self.length)(self.cfg, self.rule, self.decode, name="blocks")
-    return body(x_BxTxD, positions_BxT)
+    return body(x_BxTxD, positions_BxT, keep_Nx2)
 
 
 class Segment(nn.Module):
@@ -223,11 +224,13 @@ class Segment(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT):
+  def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
     cfg, n = self.cfg, self.length
     if not cfg.scan_layers:
       for i in range(n):
-        x_BxTxD, _ = Block(cfg, self.rule, self.decode, name=f"block_{i}")(x_BxTxD, positions_BxT)
+        keep_2 = None if keep_Nx2 is None else keep_Nx2[i]
+        block = Block(cfg, self.rule, self.decode, name=f"block_{i}")
+        x_BxTxD, _ = block(x_BxTxD, positions_BxT, keep_2)
       return x_BxTxD
     groups, size = nested_split(n) if cfg.nested_remat else (0, 0)
     if groups > 1 and size > 1:
@@ -235,11 +238,17 @@ class Segment(nn.Module):
       # recomputed during the backward pass, so ~groups + size carries are live.
       # Its own axis name: a spec may not name `layers` twice.
       outer = scan(nn.remat(Group, prevent_cse=False), groups, axis="layer_groups")
-      x_BxTxD, _ = outer(cfg, self.rule, size, self.decode, name="groups")(x_BxTxD, positions_BxT)
+      keep_GxSx2 = None
+      if keep_Nx2 is not None:
+        keep_GxSx2 = keep_Nx2[: groups * size].reshape(groups, size, 2)
+        keep_Nx2 = keep_Nx2[groups * size :]
+      outer = outer(cfg, self.rule, size, self.decode, name="groups")
+      x_BxTxD, _ = outer(x_BxTxD, positions_BxT, keep_GxSx2)
       n -= groups * size
       if n == 0:
         return x_BxTxD
-    x_BxTxD, _ = Group(cfg, self.rule, n, self.decode, name="stack")(x_BxTxD, positions_BxT)
+    stack = Group(cfg, self.rule, n, self.decode, name="stack")
+    x_BxTxD, _ = stack(x_BxTxD, positions_BxT, keep_Nx2)
     return x_BxTxD
 
 
@@ -248,13 +257,15 @@ class LM(nn.Module):
 
   With decode=True every attention keeps a KV cache (collection "cache", stacked
   on the layers axis); `positions_BxT` then places the new tokens.
+  `sublayer_mask` ([2·num_blocks] of 0/1, order attn_0, ffn_0, ...): where 0 the
+  sub-layer is removed (x_{l+1} = x_l); None runs every sub-layer.
   """
 
   cfg: ModelConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, sublayer_mask=None):
     cfg = self.cfg
     param_dtype, dtype = DTYPES[cfg.param_dtype], DTYPES[cfg.dtype]
     if positions_BxT is None:
@@ -270,8 +281,15 @@ class LM(nn.Module):
     # The residual stream stays fp32: at α ≈ 1000 a bf16 stream would drop F entirely.
     x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(jnp.float32)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
+    keep_Nx2 = None
+    if sublayer_mask is not None:
+      keep_Nx2 = jnp.asarray(sublayer_mask, jnp.float32).reshape(cfg.num_blocks, 2)
+    start = 0
     for i, (rule, length) in enumerate(cfg.layout()):
-      x_BxTxD = Segment(cfg, rule, length, self.decode, name=f"segment_{i}")(x_BxTxD, positions_BxT)
+      keep = None if keep_Nx2 is None else keep_Nx2[start : start + length]
+      start += length
+      segment = Segment(cfg, rule, length, self.decode, name=f"segment_{i}")
+      x_BxTxD = segment(x_BxTxD, positions_BxT, keep)
     x_BxTxD = Norm(cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
       head_DxV = embed_VxD.T

@@ -1,0 +1,259 @@
+"""Shared plumbing of the paper-reproduction experiments: runs, tables, reports, command line.
+
+Every experiment is `run(config, workdir) -> dict` plus `main = common.main(run)`. Training
+runs go through the real trainer (`train.train`) into `<workdir>/runs/<name>/`; a finished run
+leaves `result.json` there and is reused when the same config asks for it again, so an
+interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import ml_collections
+
+from configs import default
+
+RUNS = "runs"  # per-run subdirectories (checkpoints, metrics); ignored by git
+_run_seconds: list[float] = []  # training time of every run returned, reused ones included
+
+
+# ---------------------------------------------------------------- configs
+
+
+def run_config(exp, *, model: dict | None = None, train: dict | None = None):
+  """The experiment's model/data/train/mesh sections, then `model`/`train` overrides."""
+  c = default.get_config()
+  c.model.update(dict(exp.model))
+  c.data.update(dict(exp.data))
+  c.train.update(dict(exp.train))
+  c.mesh.update(dict(exp.mesh))
+  c.model.update(model or {})
+  c.train.update(train or {})
+  return c
+
+
+def base_fields() -> ml_collections.ConfigDict:
+  """Fields every experiment config has: configs/default.py's sections (each run starts from
+  them, so --config.train.x=... works for any field) and the XLA cache."""
+  d = default.get_config()
+  c = ml_collections.ConfigDict()
+  c.model, c.data, c.train, c.mesh = d.model, d.data, d.train, d.mesh
+  # Persistent XLA cache: runs that differ only in what they train reuse init/eval compiles.
+  c.compilation_cache = "~/.cache/keel_jax/xla"  # '' disables
+  return c
+
+
+def fmt_lr(lr: float) -> str:
+  return f"{lr:.3g}"
+
+
+def run_name(residual: str, num_blocks: int, lr: float | None = None) -> str:
+  name = f"{residual}_L{2 * num_blocks}"
+  return name if lr is None else f"{name}_lr{fmt_lr(lr)}"
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def train_run(config, run_dir: str) -> dict:
+  """Trains `config` into run_dir (or reuses a finished identical run).
+
+  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint}.
+  A NaN/Inf step under config.train.nonfinite='stop' is a result here, not a failure.
+  """
+  from keel_jax import train
+
+  done = os.path.join(run_dir, "result.json")
+  config_json = config.to_json_best_effort(sort_keys=True)
+  if os.path.exists(done):
+    with open(done) as f:
+      result = json.load(f)
+    if result.get("config") == config_json:
+      _run_seconds.append(result["seconds"])
+      return result
+  if os.path.exists(run_dir):  # unfinished or different: start clean, never half-resume
+    shutil.rmtree(run_dir)
+  t0 = time.perf_counter()
+  status, error, final = "ok", "", {}
+  try:
+    final = train.train(config, run_dir)
+  except train.NonFiniteError as e:
+    status, error = "nonfinite", str(e)
+  result = {
+    "status": status,
+    "error": error,
+    "seconds": time.perf_counter() - t0,
+    "final": final,
+    "fingerprint": read_json(os.path.join(run_dir, "data_fingerprint.json")),
+    "config": config_json,
+  }
+  with open(done, "w") as f:
+    json.dump(result, f, indent=1)
+  _run_seconds.append(result["seconds"])
+  return result
+
+
+def annotate(run_dir: str, **values) -> dict:
+  """Adds `values` to a finished run's result.json (e.g. scores computed after training)."""
+  path = os.path.join(run_dir, "result.json")
+  result = {**read_json(path), **values}
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------- where and how it ran
+
+
+def environment() -> dict:
+  """Command, date, machine, library versions: written beside every table."""
+  import flax
+  import jax
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    cpu = f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+  except (OSError, KeyError):
+    pass
+  module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
+  return {
+    "command": " ".join(["python -m", module, *sys.argv[1:]]),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()}",
+    "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind}) × {jax.device_count()}",
+    "versions": f"python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}",
+    "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+  }
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- tables, plots, reports
+
+
+def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], digits=4) -> str:
+  """rows → <stem>.csv and <stem>.md; returns the Markdown."""
+  with open(path_stem + ".csv", "w", newline="") as f:
+    w = csv.DictWriter(f, columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+
+  def cell(v):
+    if isinstance(v, float):
+      return "nan" if not math.isfinite(v) else f"{v:.{digits}g}"
+    return str(v)
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+  md = "\n".join(lines) + "\n"
+  with open(path_stem + ".md", "w") as f:
+    f.write(md)
+  return md
+
+
+def pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)  # small PNGs: they are committed
+  pyplot().close(fig)
+  return path
+
+
+def write_readme(
+  workdir: str,
+  title: str,
+  claim: str,
+  env: dict,
+  fingerprint: dict | None,
+  sections: Sequence[tuple[str, str]],
+  verdict: Sequence[str],
+  seconds: float,
+) -> str:
+  """README.md: what the paper claims, how this ran, the tables and a verdict."""
+  lines = [f"# {title}", "", f"**Paper:** {claim}", "", "## Verdict", ""]
+  lines += [f"* {v}" for v in verdict]
+  lines += ["", "## Run", ""]
+  lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
+  wall = f"* wall time: {seconds / 60:.1f} min"
+  if _run_seconds:
+    wall += (
+      f"; its training runs took {sum(_run_seconds) / 60:.1f} min when they ran (a rerun "
+      "reuses finished runs from runs/)"
+    )
+  lines.append(wall)
+  if fingerprint:
+    keys = ("name", "python", "content_sha256", "num_train_tokens", "num_val_tokens", "cache_key")
+    fp = ", ".join(f"{k}={fingerprint[k]}" for k in keys if k in fingerprint)
+    lines.append(f"* corpus fingerprint: {fp} (full: data_fingerprint.json)")
+  for heading, body in sections:
+    lines += ["", f"## {heading}", "", body.rstrip()]
+  path = os.path.join(workdir, "README.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  if fingerprint:
+    with open(os.path.join(workdir, "data_fingerprint.json"), "w") as f:
+      json.dump(fingerprint, f, indent=2)
+  return path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(run: Callable[[ml_collections.ConfigDict, str], dict]) -> None:
+  """`python -m experiments.<name> --config=configs/<name>.py:<size> --workdir=<dir>`."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/x.py:cpu.")
+  flags.DEFINE_string("workdir", None, "Tables, plots, README.md and runs/ go here.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def _main(argv):
+    del argv
+    import jax
+
+    from keel_jax.metrics import quiet_libraries
+
+    quiet_libraries()
+    config = flags.FLAGS.config
+    if config.compilation_cache:
+      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+    run(config, flags.FLAGS.workdir)
+
+  app.run(_main)
