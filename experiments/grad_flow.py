@@ -116,7 +116,7 @@ def verdict(rows: dict) -> list[str]:
     out.append(
       f"{scheme}: bottom/top weight-gradient ratio {r0:.3g} at init, {r1:.3g} after training. "
       + (
-        "Gradients vanish toward the input after training, as the paper's mechanism predicts"
+        "Gradients shrink toward the input after training (ratio < 0.5), the paper's mechanism"
         if r1 < 0.5
         else "No vanishing toward the input after training: NOT reproduced"
       )
