@@ -91,14 +91,7 @@ def setup_without_data(config, devices, vocab: int) -> train.Setup:
   """`train.setup` minus the dataset: mesh, rules, model config and optimizer."""
   t = config.train
   optimizer.validate(t)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules(config.mesh)
-  dp = sharding.data_parallel_size(mesh, rules)
-  if t.batch_size % (dp * t.grad_accum_steps):
-    raise ValueError(
-      f"config.train.batch_size={t.batch_size} must divide by data parallelism ({dp}) × "
-      f"grad_accum_steps ({t.grad_accum_steps})"
-    )
+  mesh, rules = train.mesh_and_rules(config, devices)
   model_cfg = train.model_config(config, vocab)
   return train.Setup(
     config, model_cfg, None, mesh, rules, optimizer.optimizer(t), optimizer.schedule(t)

@@ -79,14 +79,7 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
     raise ValueError(f"config.train.nonfinite={t.nonfinite!r}: use 'stop' or 'skip'")
   if t.grad_accum_steps < 1:
     raise ValueError(f"config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules(config.mesh)
-  dp = sharding.data_parallel_size(mesh, rules)
-  if workdir is not None and t.batch_size % (dp * t.grad_accum_steps):
-    raise ValueError(
-      f"config.train.batch_size={t.batch_size} must divide by data parallelism ({dp}) × "
-      f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
-    )
+  mesh, rules = mesh_and_rules(config, devices, check_batch=workdir is not None)
   dataset = data.make(config.data, seed=t.seed)
   if workdir is not None and dataset.num_train_windows < t.batch_size:  # rarely what was meant
     logging.warning(
@@ -99,6 +92,21 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
   return Setup(
     config, model_cfg, dataset, mesh, rules, optimizer.optimizer(t), optimizer.schedule(t)
   )
+
+
+def mesh_and_rules(config, devices=None, check_batch: bool = True):
+  """The config's mesh over `devices` and its logical-axis rules; with check_batch, that the
+  global batch splits over data parallelism × micro-batches."""
+  t = config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules(config.mesh)
+  dp = sharding.data_parallel_size(mesh, rules)
+  if check_batch and t.batch_size % (dp * t.grad_accum_steps):
+    raise ValueError(
+      f"config.train.batch_size={t.batch_size} must divide by data parallelism ({dp}) × "
+      f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
+    )
+  return mesh, rules
 
 
 # ---------------------------------------------------------------- state and steps

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from storage_faults import read_only
 
 from keel_jax.checkpoint import Checkpointer, CheckpointError
 
@@ -222,28 +221,6 @@ def test_nothing_readable_raises(tmp_path):
 
 
 # ------------------------------------------------------------------ save errors
-
-
-@contextlib.contextmanager
-def read_only(path):
-  """Makes a directory unwritable, also for root (chattr +i); skips where that is impossible."""
-  if os.geteuid() != 0:
-    os.chmod(path, 0o555)
-    undo = lambda: os.chmod(path, 0o755)
-  elif shutil.which("chattr") and subprocess.run(["chattr", "+i", path]).returncode == 0:
-    undo = lambda: subprocess.run(["chattr", "-i", path], check=True)
-  else:
-    pytest.skip("running as root without chattr +i: cannot make a directory read-only")
-  try:
-    try:
-      open(os.path.join(path, "probe"), "w").close()
-      os.remove(os.path.join(path, "probe"))
-      pytest.skip(f"{path} is still writable")
-    except OSError:
-      pass
-    yield
-  finally:
-    undo()
 
 
 @pytest.mark.parametrize("async_save", [True, False])
