@@ -12,15 +12,12 @@ import ml_collections
 
 from experiments import common
 
-SIZES = ("ci", "cpu", "paper")
+SIZES = common.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  if size not in SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
-  c = common.base_fields()
-  c.size = size
+  c = common.base_fields(size)
   c.compilation_cache = ""  # compile time is one of the results: always compile for real
   c.schemes = ("keel",)
   c.min_drop = 0.5  # nats the train loss must fall for "learns" in the verdict

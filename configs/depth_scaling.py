@@ -13,15 +13,12 @@ import ml_collections
 
 from experiments import common
 
-SIZES = ("ci", "cpu", "paper")
+SIZES = common.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  if size not in SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
-  c = common.base_fields()
-  c.size = size
+  c = common.base_fields(size)
   c.num_prompts = 200  # arith data only: validation problems scored by exact match
   c.lrs_per_scheme = ()  # ((scheme, (lr, ...)), ...): replaces c.lrs for that scheme
   c.train.update(eval_every=0, checkpoint_every=0, keep_checkpoints=1, diag_every=0)

@@ -12,15 +12,12 @@ import ml_collections
 
 from experiments import common
 
-SIZES = ("ci", "cpu", "paper")
+SIZES = common.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  if size not in SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
-  c = common.base_fields()
-  c.size = size
+  c = common.base_fields(size)
   c.profile_batches = 4  # validation batches the profiles are averaged over
   c.train.update(
     learning_rate=1e-3, eval_every=0, eval_batches=2, checkpoint_every=0, keep_checkpoints=1,

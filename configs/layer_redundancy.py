@@ -14,7 +14,7 @@ import ml_collections
 
 from configs import depth_scaling
 
-SIZES = ("ci", "cpu", "paper")
+SIZES = depth_scaling.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:

@@ -13,15 +13,12 @@ import ml_collections
 
 from experiments import common
 
-SIZES = ("ci", "cpu", "paper")
+SIZES = common.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  if size not in SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
-  c = common.base_fields()
-  c.size = size
+  c = common.base_fields(size)
   c.peak_lr = 5e-2  # the paper's warm-up target
   # Divergence detection (see experiments/lr_sweep.py: divergence).
   c.window = 21  # steps in the running median of the per-step train loss (~5% of the run)

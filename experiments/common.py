@@ -43,11 +43,17 @@ def run_config(exp, *, model: dict | None = None, train: dict | None = None):
   return c
 
 
-def base_fields() -> ml_collections.ConfigDict:
-  """Fields every experiment config has: configs/default.py's sections (each run starts from
-  them, so --config.train.x=... works for any field) and the XLA cache."""
+SIZES = ("ci", "cpu", "paper")  # every experiment's sizes: tests, committed results, TPU pods
+
+
+def base_fields(size: str) -> ml_collections.ConfigDict:
+  """Fields every experiment config has: `size` (checked), configs/default.py's sections (each
+  run starts from them, so --config.train.x=... works for any field) and the XLA cache."""
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
   d = default.get_config()
   c = ml_collections.ConfigDict()
+  c.size = size
   c.model, c.data, c.train, c.mesh = d.model, d.data, d.train, d.mesh
   # Persistent XLA cache: runs that differ only in what they train reuse init/eval compiles.
   c.compilation_cache = "~/.cache/keel_jax/xla"  # '' disables
