@@ -7,6 +7,7 @@ Every parameter carries logical axis names; the model never sees a mesh.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,19 @@ class Norm(nn.Module):
     x = x - jnp.mean(x, axis=-1, keepdims=True)
     y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def dense(x, w, contract: int = 1, preferred_element_type=None):
+  """Contracts the last `contract` axes of `x` with the first of `w`, as one 2-D matmul.
+
+  With the token axes flattened, each weight gradient contracts one axis. A gradient that
+  contracts (batch, seq) made XLA:CPU transpose-copy the activation gradient first (measured:
+  a d=512 train step without remat took 960 ms with einsums, 704 ms with this).
+  """
+  lead, out = x.shape[: x.ndim - contract], w.shape[contract:]
+  k = math.prod(w.shape[:contract])
+  y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
 
 
 def rope(x_BxTxNxE, positions_BxT, theta: float):
@@ -107,9 +121,7 @@ class Attention(nn.Module):
     wo_HxExD = p("wo", (h, e, d), ("heads", "kv", "embed"), self.value_out_std)
 
     x = x_BxTxD.astype(self.dtype)
-    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x, wq_DxHxE)
-    k_BxTxKxE = jnp.einsum("btd,dke->btke", x, wk_DxKxE)
-    v_BxTxKxE = jnp.einsum("btd,dke->btke", x, wv_DxKxE)
+    q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w) for w in (wq_DxHxE, wk_DxKxE, wv_DxKxE))
     q_BxTxHxE = checkpoint_name(rope(q_BxTxHxE, positions_BxT, self.rope_theta), "query")
     k_BxTxKxE = checkpoint_name(rope(k_BxTxKxE, positions_BxT, self.rope_theta), "key")
     v_BxTxKxE = checkpoint_name(v_BxTxKxE, "value")
@@ -121,7 +133,7 @@ class Attention(nn.Module):
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
     o_BxTxKxGxE = self.attention_fn(q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, k_pos_BxS)
     o_BxTxHxE = checkpoint_name(o_BxTxKxGxE.reshape(b, t, h, e), "attn_heads")
-    out_BxTxD = jnp.einsum("bthe,hed->btd", o_BxTxHxE, wo_HxExD)
+    out_BxTxD = dense(o_BxTxHxE, wo_HxExD, contract=2)
     return nn.with_logical_constraint(out_BxTxD, ("batch", "seq", "embed"))
 
   def _cached(self, k_BxTxKxE, v_BxTxKxE, positions_BxT):
@@ -163,15 +175,13 @@ class FFN(nn.Module):
     ).astype(self.dtype)
     x = x_BxTxD.astype(self.dtype)
     if self.kind == "swiglu":
-      gate_BxTxF = jnp.einsum("btd,df->btf", x, p("w_gate", (d, self.d_ff), ("embed", "mlp")))
-      up_BxTxF = jnp.einsum("btd,df->btf", x, p("w_up", (d, self.d_ff), ("embed", "mlp")))
+      gate_BxTxF = dense(x, p("w_gate", (d, self.d_ff), ("embed", "mlp")))
+      up_BxTxF = dense(x, p("w_up", (d, self.d_ff), ("embed", "mlp")))
       h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     else:
-      h_BxTxF = jax.nn.gelu(
-        jnp.einsum("btd,df->btf", x, p("w_up", (d, self.d_ff), ("embed", "mlp")))
-      )
+      h_BxTxF = jax.nn.gelu(dense(x, p("w_up", (d, self.d_ff), ("embed", "mlp"))))
     h_BxTxF = checkpoint_name(
       nn.with_logical_constraint(h_BxTxF, ("batch", "seq", "mlp")), "ffn_hidden"
     )
-    out_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, p("w_down", (self.d_ff, d), ("mlp", "embed")))
+    out_BxTxD = dense(h_BxTxF, p("w_down", (self.d_ff, d), ("mlp", "embed")))
     return nn.with_logical_constraint(out_BxTxD, ("batch", "seq", "embed"))

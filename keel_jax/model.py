@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from keel_jax import attention, residual
-from keel_jax.layers import FFN, Attention, Norm, normal
+from keel_jax.layers import FFN, Attention, Norm, dense, normal
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -297,11 +297,8 @@ class LM(nn.Module):
       head_DxV = self.param(
         "head", normal(cfg.init_std, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), param_dtype
       )
-    logits_BxTxV = jnp.einsum(
-      "btd,dv->btv",
-      x_BxTxD.astype(dtype),
-      head_DxV.astype(dtype),
-      preferred_element_type=jnp.float32,
+    logits_BxTxV = dense(
+      x_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
     )
     return nn.with_logical_constraint(logits_BxTxV, ("batch", "seq", "vocab"))
 
