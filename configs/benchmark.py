@@ -31,12 +31,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
   # Step time, tokens/s and MFU, per attention implementation; Keel vs Pre-LN at the same shape.
   c.step = ml_collections.ConfigDict()
-  c.step.model = dict(d_model=512, num_heads=8, num_kv_heads=4, num_blocks=2)
+  # 8 blocks: Keel's distinct first block is then one of eight, as in any deep model.
+  c.step.model = dict(d_model=512, num_heads=8, num_kv_heads=4, num_blocks=8)
   c.step.seq_len, c.step.batch_size = 512, 8
   c.step.attention_impls = ("reference", "blocked", "sdpa")
   c.step.residuals = ("keel", "pre_ln")  # compared with the default attention implementation
-  # Keel with the default attention and these remat policies too (the model config's is "full",
-  # which recomputes the forward: FLOPs MFU does not count).
+  # Both residuals with the default attention and these remat policies too (the model config's
+  # is "full", which recomputes the forward: FLOPs MFU does not count).
   c.step.extra_remat_policies = ("none",)
 
   # Peak memory vs depth per remat policy ("nested" = full remat + √L nested remat).

@@ -7,6 +7,7 @@ Every parameter carries logical axis names; the model never sees a mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,33 @@ Dtype = Any
 
 def normal(std: float, names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x_BxTxD, scale_D, eps: float):
+  """x / rms(x) · scale over the last axis, in fp32."""
+  return _rms_norm_fwd(x_BxTxD, scale_D, eps)[0]
+
+
+def _rms_norm_fwd(x_BxTxD, scale_D, eps):
+  r_BxTx1 = jax.lax.rsqrt(jnp.mean(x_BxTxD * x_BxTxD, axis=-1, keepdims=True) + eps)
+  return x_BxTxD * r_BxTx1 * scale_D, (x_BxTxD, scale_D, r_BxTx1)
+
+
+def _rms_norm_bwd(eps, residuals, dy_BxTxD):
+  # The textbook gradient. XLA:CPU ran autodiff's version 1.7x slower (2.9 vs 1.7 ms fwd+bwd at
+  # [8, 512, 512]); a 4-block d=512 Keel step without remat went from 1447 to 1345 ms.
+  del eps
+  x_BxTxD, scale_D, r_BxTx1 = residuals
+  xhat_BxTxD = x_BxTxD * r_BxTx1
+  g_BxTxD = dy_BxTxD * scale_D
+  proj_BxTx1 = jnp.mean(g_BxTxD * xhat_BxTxD, axis=-1, keepdims=True)
+  dx_BxTxD = r_BxTx1 * (g_BxTxD - xhat_BxTxD * proj_BxTx1)
+  dscale_D = jnp.sum((dy_BxTxD * xhat_BxTxD).reshape(-1, scale_D.shape[0]), axis=0)
+  return dx_BxTxD, dscale_D
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class Norm(nn.Module):
@@ -45,8 +73,7 @@ class Norm(nn.Module):
     )
     eps = self.eps * eps_scale
     if self.kind == "rmsnorm":
-      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-      return y * scale.astype(jnp.float32)
+      return rms_norm(x, scale.astype(jnp.float32), eps)
     bias = self.param(
       "bias",
       nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from keel_jax import residual
-from keel_jax.layers import Attention, rope
+from keel_jax.layers import Attention, rms_norm, rope
 from keel_jax.model import LM, ModelConfig, sublayer_activation_rms, sublayer_norms
 
 B, T = 2, 12
@@ -558,6 +558,21 @@ def test_jit_equals_no_jit():
 
 
 # ------------------------------------------------------------- 6. GQA and RoPE
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-5 / 64**2])  # plain, and Keel's ε/α² at α = 64
+def test_rms_norm_custom_gradient_matches_reference(eps):
+  """The hand-written RMSNorm backward equals autodiff of the reference formula."""
+  rng = np.random.default_rng(3)
+  x_BxTxD = jnp.asarray(rng.normal(size=(2, T, 16)) * 3.0, jnp.float32)
+  scale_D = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+  dy_BxTxD = jnp.asarray(rng.normal(size=(2, T, 16)), jnp.float32)
+  ref = lambda x, s: ref_norm("rmsnorm", {"scale": s}, x, eps)
+  out, vjp = jax.vjp(lambda x, s: rms_norm(x, s, eps), x_BxTxD, scale_D)
+  ref_out, ref_vjp = jax.vjp(ref, x_BxTxD, scale_D)
+  assert_close(out, ref_out, rtol=1e-5)
+  for got, want in zip(vjp(dy_BxTxD), ref_vjp(dy_BxTxD), strict=True):
+    assert_close(got, want, rtol=1e-4, atol_frac=1e-5)
 
 
 def test_rope_matches_reference_and_is_norm_preserving():
