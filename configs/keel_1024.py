@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     dtype="bfloat16",
     remat_policy="full",
     # Four micro-batches cut the saved [L, B, T, D] carries more than √L nested remat does:
-    # on v5p:4x4x8, 26.7 GiB/chip vs 31.1 GiB with nested_remat=True and no accumulation
+    # on v5p:4x4x8, 26.7 GiB/chip vs 30.6 GiB with nested_remat=True and no accumulation
     # (both from `python -m keel_jax.aot_compile`, 2026-11-24).
     nested_remat=False,
   )
