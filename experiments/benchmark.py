@@ -333,7 +333,7 @@ def targets(c, rows, deep) -> list[tuple]:
   d = c.step.model["d_model"]
   config_remat = {**default.get_config().model.to_dict(), **c.step.model}["remat_policy"]
   # One row per remat policy measured: the config's own (full recomputes the forward, which
-  # MFU does not count, so it cannot pass 0.75) and the extra ones.
+  # MFU does not count, so it cannot exceed 0.75) and the extra ones.
   for remat in ("", *c.step.extra_remat_policies):
     suffix = f" remat={remat}" if remat else ""
     label = suffix or f" remat={config_remat}"

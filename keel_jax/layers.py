@@ -90,7 +90,7 @@ def dense(x, w, contract: int = 1, preferred_element_type=None):
 
   With the token axes flattened, each weight gradient contracts one axis. A gradient that
   contracts (batch, seq) made XLA:CPU transpose-copy the activation gradient first (measured:
-  a d=512 train step without remat took 960 ms with einsums, 704 ms with this).
+  a 2-block d=512 train step without remat took 960 ms with einsums, 704 ms with this).
   """
   lead, out = x.shape[: x.ndim - contract], w.shape[contract:]
   k = math.prod(w.shape[:contract])
