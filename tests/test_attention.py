@@ -172,4 +172,5 @@ def test_model_blocked_equals_reference():
 
   (got, jaxpr_blocked), (want, jaxpr_ref) = loss_and_grads("blocked"), loss_and_grads("reference")
   assert_close(got, want)
-  assert "custom_vjp_call" in str(jaxpr_blocked) and "custom_vjp_call" not in str(jaxpr_ref)
+  # The flash kernel's custom VJP by name: RMSNorm has a custom VJP of its own.
+  assert "name=_flash_rows" in str(jaxpr_blocked) and "name=_flash_rows" not in str(jaxpr_ref)
