@@ -8,7 +8,7 @@ positions) they compute the reference instead.
 
   reference  the plain einsum/softmax of `layers.causal_attention`
   blocked    flash attention in plain JAX (any backend): query block i reads only key blocks
-             0..i, masks only the diagonal block, and the backward recomputes probabilities
+             0..i (fully masked blocks are skipped), and the backward recomputes probabilities
   sdpa       `jax.nn.dot_product_attention(is_causal=True)`: cuDNN flash attention on GPU
              (bf16/fp16), XLA elsewhere
   splash     the Pallas Splash attention kernel on TPU (TPU only)
@@ -92,7 +92,7 @@ def block_causal_layout(q_pos_BxT, k_pos_BxS, block: int):
   """True iff, cut into blocks, keys after a query's block are all hidden from it, keys before
   it all visible, and every query sees at least one key.
 
-  Holds for increasing positions in self-attention; then only the diagonal blocks need a mask.
+  Holds for increasing positions in self-attention; then no query needs a key past its block.
   """
   i32 = jnp.iinfo(jnp.int32)
   q_min_BxN = _block_bounds(q_pos_BxT, block, jnp.min, i32.max)
@@ -116,15 +116,16 @@ def block_causal_layout(q_pos_BxT, k_pos_BxS, block: int):
 # before, 102 ms in this layout).
 
 
-def _scores(q_BxKxRxE, k_BxKxPxE, q_pos_BxR, k_pos_BxP, start: int):
-  """Scaled fp32 scores of a row block against its key prefix; only the diagonal is masked."""
-  e = q_BxKxRxE.shape[-1]
+def _scores(q_BxKxRxE, k_BxKxPxE, q_pos_BxR, k_pos_BxP):
+  """fp32 scores of a row block (queries pre-scaled) against its key prefix, causally masked.
+
+  Masking the whole prefix costs one fused comparison and avoids splitting off the diagonal.
+  """
   s_BxKxRxP = jnp.einsum(
     "bkre,bkpe->bkrp", q_BxKxRxE, k_BxKxPxE, preferred_element_type=jnp.float32
-  ) / jnp.sqrt(e).astype(jnp.float32)
-  mask_Bx1xRxC = (k_pos_BxP[:, None, start:] <= q_pos_BxR[:, :, None])[:, None]
-  diag = jnp.where(mask_Bx1xRxC, s_BxKxRxP[..., start:], jnp.finfo(jnp.float32).min)
-  return jnp.concatenate([s_BxKxRxP[..., :start], diag], axis=-1) if start else diag
+  )
+  mask_Bx1xRxP = (k_pos_BxP[:, None, :] <= q_pos_BxR[:, :, None])[:, None]
+  return jnp.where(mask_Bx1xRxP, s_BxKxRxP, jnp.finfo(jnp.float32).min)
 
 
 def _flash_fwd(q_BxKxRxE, k_BxKxSxE, v_BxKxSxE, q_pos_BxR, k_pos_BxS, block):
@@ -134,7 +135,7 @@ def _flash_fwd(q_BxKxRxE, k_BxKxSxE, v_BxKxSxE, q_pos_BxR, k_pos_BxS, block):
     end = min(start + block, s)
     rows = slice(start * g, end * g)
     s_BxKxRxP = _scores(
-      q_BxKxRxE[:, :, rows], k_BxKxSxE[:, :, :end], q_pos_BxR[:, rows], k_pos_BxS[:, :end], start
+      q_BxKxRxE[:, :, rows], k_BxKxSxE[:, :, :end], q_pos_BxR[:, rows], k_pos_BxS[:, :end]
     )
     m_BxKxRx1 = jnp.max(s_BxKxRxP, axis=-1, keepdims=True)
     p_BxKxRxP = jnp.exp(s_BxKxRxP - m_BxKxRx1)
@@ -156,10 +157,8 @@ def _flash_fwd(q_BxKxRxE, k_BxKxSxE, v_BxKxSxE, q_pos_BxR, k_pos_BxS, block):
 def _flash_bwd(block, residuals, do_BxKxRxE):
   """Flash-attention backward: probabilities recomputed per block from the saved log-sum-exp."""
   q_BxKxRxE, k_BxKxSxE, v_BxKxSxE, q_pos_BxR, k_pos_BxS, o_BxKxRxE, lse_BxKxR = residuals
-  s, e = k_BxKxSxE.shape[2], q_BxKxRxE.shape[-1]
-  g = q_BxKxRxE.shape[2] // s
+  s, g = k_BxKxSxE.shape[2], q_BxKxRxE.shape[2] // k_BxKxSxE.shape[2]
   f32 = jnp.float32
-  scale = 1.0 / jnp.sqrt(e).astype(f32)
   # Σ_p p·dp = Σ_e do·o: an [R, E] reduction instead of an [R, P] one.
   delta_BxKxR = jnp.sum(do_BxKxRxE.astype(f32) * o_BxKxRxE.astype(f32), axis=-1)
   dk_BxKxSxE = jnp.zeros(k_BxKxSxE.shape, f32)
@@ -170,7 +169,7 @@ def _flash_bwd(block, residuals, do_BxKxRxE):
     rows = slice(start * g, end * g)
     q_blk, do_blk = q_BxKxRxE[:, :, rows], do_BxKxRxE[:, :, rows]
     k_BxKxPxE, v_BxKxPxE = k_BxKxSxE[:, :, :end], v_BxKxSxE[:, :, :end]
-    s_BxKxRxP = _scores(q_blk, k_BxKxPxE, q_pos_BxR[:, rows], k_pos_BxS[:, :end], start)
+    s_BxKxRxP = _scores(q_blk, k_BxKxPxE, q_pos_BxR[:, rows], k_pos_BxS[:, :end])
     p_BxKxRxP = jnp.exp(s_BxKxRxP - lse_BxKxR[:, :, rows, None])
     dv_BxKxSxE = dv_BxKxSxE.at[:, :, :end].add(
       jnp.einsum(
@@ -178,7 +177,7 @@ def _flash_bwd(block, residuals, do_BxKxRxE):
       )
     )
     dp_BxKxRxP = jnp.einsum("bkre,bkpe->bkrp", do_blk, v_BxKxPxE, preferred_element_type=f32)
-    ds_BxKxRxP = p_BxKxRxP * (dp_BxKxRxP - delta_BxKxR[:, :, rows, None]) * scale
+    ds_BxKxRxP = p_BxKxRxP * (dp_BxKxRxP - delta_BxKxR[:, :, rows, None])
     ds_BxKxRxP = ds_BxKxRxP.astype(q_BxKxRxE.dtype)
     dqs.append(jnp.einsum("bkrp,bkpe->bkre", ds_BxKxRxP, k_BxKxPxE, preferred_element_type=f32))
     dk_BxKxSxE = dk_BxKxSxE.at[:, :, :end].add(
@@ -206,6 +205,8 @@ _flash_rows.defvjp(_flash_fwd, _flash_bwd)
 def _flash(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS, block):
   """Flash attention in the model's layout: one transpose per tensor in and out."""
   b, t, kh, g, e = q_BxTxKxGxE.shape
+  # The 1/√E score scale on the [R, E] queries, not on the [R, P] scores of every block.
+  q_BxTxKxGxE = q_BxTxKxGxE * jnp.asarray(1.0 / e**0.5, q_BxTxKxGxE.dtype)
   q_BxKxRxE = jnp.einsum("btkge->bktge", q_BxTxKxGxE).reshape(b, kh, t * g, e)
   q_pos_BxR = jnp.repeat(q_pos_BxT, g, axis=1)
   o_BxKxRxE = _flash_rows(
@@ -227,7 +228,7 @@ def block_size(t: int) -> int:
 
 def blocked_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS, block: int = 0):
   """Block-causal flash attention in plain JAX: query block i only reads key blocks 0..i, and
-  only the diagonal block is masked; the backward recomputes probabilities (custom VJP)."""
+  fully masked blocks are never computed; the backward recomputes probabilities (custom VJP)."""
   args = (q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS)
   t, s = q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1]
   block = block or block_size(t)
