@@ -125,7 +125,6 @@ def plot(rows: list[dict], path: str) -> str:
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(f"{rows[0]['sub_layers']} sub-layers")
-  ax.grid(alpha=0.3)
   ax.legend()
   return common.save_figure(fig, path)
 

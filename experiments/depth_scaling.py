@@ -136,7 +136,6 @@ def plot(config, best, path: str) -> str:
   ax.set_xlabel("depth (sub-layers)")
   ax.set_ylabel("final eval loss, best LR (nats/token)")
   ax.set_title(f"depth scaling: d={config.model.d_model}, {config.train.num_steps} steps")
-  ax.grid(alpha=0.3)
   ax.legend()
   return common.save_figure(fig, path)
 

@@ -163,7 +163,6 @@ def plot(config, profiles: dict, path: str) -> str:
     axes[1, col].set_xlabel("sub-layer (0 = next to the embedding)")
     for row in range(2):
       axes[row, col].set_yscale("log")
-      axes[row, col].grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   return common.save_figure(fig, path)
 

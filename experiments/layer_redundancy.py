@@ -164,7 +164,6 @@ def plot(config, deltas: dict, path: str) -> str:
   ax.set_xlabel(f"removed {config.unit} (0 = next to the embedding)")
   ax.set_ylabel("Δ eval loss (nats/token)")
   ax.set_title(f"layer redundancy, {2 * config.num_blocks} sub-layers")
-  ax.grid(alpha=0.3)
   ax.legend()
   return common.save_figure(fig, path)
 

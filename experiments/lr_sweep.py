@@ -199,7 +199,6 @@ def plot(config, results: dict, path: str) -> str:
     ax.set_xlabel("learning rate (linear warm-up)")
     ax.set_ylabel("train loss (smoothed)")
     ax.set_title(f"{d} sub-layers (dashed: max tolerable LR)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   return common.save_figure(fig, path)
 

@@ -36,11 +36,6 @@ BLOCK = 64  # smallest query/key block of `blocked` (measured fastest at T=512 o
 MAX_BLOCKS = 16
 
 
-def _fallback_unless(ok, fast: Callable, *args):
-  """`fast(*args)` where the layout check `ok` holds, else the reference (one branch runs)."""
-  return _guarded(fast, ok, *args)
-
-
 # JAX differentiates a plain cond by making both branches return both branches' residuals: the
 # fast branch would fill the reference's [B, K, G, T, S] probabilities with zeros on every
 # step (measured: up to 7% of a CPU train step at T=512; 5.7 GiB per v5p chip for keel_1024).
@@ -48,6 +43,7 @@ def _fallback_unless(ok, fast: Callable, *args):
 # recomputing its forward.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _guarded(fast: Callable, ok, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS):
+  """`fast(...)` where the layout check `ok` holds, else the reference (one branch runs)."""
   args = (q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS)
   return jax.lax.cond(ok, fast, causal_attention, *args)
 
@@ -235,7 +231,7 @@ def blocked_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS, b
   if t != s or t <= block:  # decoding against a cache, or a single block: nothing to skip
     return causal_attention(*args)
   fast = lambda *a: _flash(*a, block)
-  return _fallback_unless(block_causal_layout(q_pos_BxT, k_pos_BxS, block), fast, *args)
+  return _guarded(fast, block_causal_layout(q_pos_BxT, k_pos_BxS, block), *args)
 
 
 # ---------------------------------------------------------------- jax.nn.dot_product_attention
@@ -256,7 +252,7 @@ def sdpa_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS):
   args = (q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q_pos_BxT, k_pos_BxS)
   if q_BxTxKxGxE.shape[1] != k_BxSxKxE.shape[1]:
     return causal_attention(*args)
-  return _fallback_unless(increasing_self_positions(q_pos_BxT, k_pos_BxS), _sdpa, *args)
+  return _guarded(_sdpa, increasing_self_positions(q_pos_BxT, k_pos_BxS), *args)
 
 
 # ---------------------------------------------------------------- Splash (TPU)
@@ -314,7 +310,7 @@ def splash_attention(
   if t != k_BxSxKxE.shape[1] or t % 128:
     return causal_attention(*args)
   fast = functools.partial(_splash, interpret=interpret)
-  return _fallback_unless(increasing_self_positions(q_pos_BxT, k_pos_BxS), fast, *args)
+  return _guarded(fast, increasing_self_positions(q_pos_BxT, k_pos_BxS), *args)
 
 
 # ---------------------------------------------------------------- choice
