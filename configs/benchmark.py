@@ -37,8 +37,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   c.step.attention_impls = ("reference", "blocked", "sdpa")
   c.step.residuals = ("keel", "pre_ln")  # compared with the default attention implementation
   # Both residuals with the default attention and these remat policies too (the model config's
-  # is "full", which recomputes the forward: FLOPs MFU does not count).
-  c.step.extra_remat_policies = ("none",)
+  # is "full", which recomputes the forward: FLOPs MFU does not count; "branch" keeps each
+  # sub-layer's output, which Keel's LN_out backward needs, instead of recomputing it).
+  c.step.extra_remat_policies = ("branch", "none")
 
   # Peak memory vs depth per remat policy ("nested" = full remat + √L nested remat).
   c.memory = ml_collections.ConfigDict()
@@ -50,7 +51,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # none at L=1024 then peaks near 7 GB).
   c.memory.seq_len, c.memory.batch_size = 256, 4
   c.memory.depths = (16, 64, 256, 1024)
-  c.memory.policies = ("none", "dots", "full", "nested")
+  c.memory.policies = ("none", "dots", "branch", "full", "nested")
   c.memory.parallel = 1  # points measured at once (rss): RSS is per process, so this is safe
 
   # The deep-model target: train 1024 sub-layers at d=256 within a memory budget.

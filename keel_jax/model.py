@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from keel_jax import attention, residual
 from keel_jax.layers import FFN, Attention, Norm, dense, normal
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
+REMAT_POLICIES = ("none", "full", "branch", "dots", "dots_no_batch", "names")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -174,6 +174,10 @@ def remat_policy(cfg: ModelConfig):
   cp = jax.checkpoint_policies
   return {
     "full": cp.nothing_saveable,
+    # Full remat, but each sub-layer's branch output F is kept: LN_out's backward needs it,
+    # and recomputing it runs the output projections again, which Pre-LN never does (its
+    # backward does not need F). Costs one [B, T, D] in the compute dtype per sub-layer.
+    "branch": cp.save_only_these_names("branch"),
     "dots": cp.dots_saveable,
     "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
     "names": cp.save_only_these_names(*cfg.remat_save_names),

@@ -505,6 +505,7 @@ def test_scan_equals_unrolled(scheme):
 REMAT_BASE = make_cfg(residual="keel", num_blocks=6, remat_policy="none")
 REMAT_VARIANTS = {
   "full": dict(remat_policy="full"),
+  "branch": dict(remat_policy="branch"),
   "dots": dict(remat_policy="dots"),
   "dots_no_batch": dict(remat_policy="dots_no_batch"),
   "names": dict(remat_policy="names", remat_save_names=("attn_heads", "ffn_hidden")),
@@ -541,6 +542,31 @@ def test_remat_matches_no_remat(variant, remat_reference):
   assert_close(loss_v, loss, rtol=1e-6, atol_frac=1e-6)
   assert_trees_close(grads_v, grads, rtol=1e-5, atol_frac=1e-5)
   assert float(global_norm(grads)) > 0
+
+
+def count_ops(jaxpr, name: str) -> int:
+  """Equations named `name` in a jaxpr, nested ones (scan, remat bodies) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          n += count_ops(sub, name)
+  return n
+
+
+def test_branch_remat_skips_output_projection_recompute():
+  """remat="branch" keeps Keel's branch outputs: the backward recomputes two fewer matmuls
+  (attention output and FFN down projection) per scanned segment than full remat."""
+  tokens = make_tokens(2)
+  counts = {}
+  for policy in ("full", "branch"):
+    cfg = ModelConfig(**{**REMAT_BASE.__dict__, "remat_policy": policy})
+    jaxpr = jax.make_jaxpr(loss_and_grad_fn(cfg))(random_params(cfg, seed=7), tokens)
+    counts[policy] = count_ops(jaxpr.jaxpr, "dot_general")
+  assert counts["full"] - counts["branch"] == 2 * len(REMAT_BASE.layout())
 
 
 # --------------------------------------------------------------- 5. jit == no jit
