@@ -47,7 +47,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # False unrolls (same math and parameters, slow to compile)
   remat_policy: str = "full"  # one of REMAT_POLICIES
-  remat_save_names: tuple[str, ...] = ()  # with remat_policy="names", e.g. ("attn_heads",)
+  # With remat_policy="names", any of: query, key, value, attn_heads, ffn_hidden, branch.
+  remat_save_names: tuple[str, ...] = ()
   nested_remat: bool = False  # √L nested remat: keep ~2√L carries instead of L
   attention_impl: str = "auto"  # one of attention.IMPLS; auto → the fastest correct one
 
