@@ -20,6 +20,8 @@ from keel_jax import attention, residual
 from keel_jax.layers import FFN, Attention, Norm, dense, normal
 
 REMAT_POLICIES = ("none", "full", "branch", "dots", "dots_no_batch", "names")
+# Activations tagged with checkpoint_name (layers.py, residual.py), for remat_policy="names".
+REMAT_NAMES = ("query", "key", "value", "attn_heads", "ffn_hidden", "branch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -47,8 +49,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # False unrolls (same math and parameters, slow to compile)
   remat_policy: str = "full"  # one of REMAT_POLICIES
-  # With remat_policy="names", any of: query, key, value, attn_heads, ffn_hidden, branch.
-  remat_save_names: tuple[str, ...] = ()
+  remat_save_names: tuple[str, ...] = ()  # with remat_policy="names": some of REMAT_NAMES
   nested_remat: bool = False  # √L nested remat: keep ~2√L carries instead of L
   attention_impl: str = "auto"  # one of attention.IMPLS; auto → the fastest correct one
 
@@ -106,6 +107,11 @@ class ModelConfig:
     need(
       self.remat_policy != "names" or self.remat_save_names,
       "config.model.remat_policy='names' needs config.model.remat_save_names",
+    )
+    unknown = sorted(set(self.remat_save_names) - set(REMAT_NAMES))
+    need(
+      not unknown,
+      f"config.model.remat_save_names has unknown {unknown}; choose from {REMAT_NAMES}",
     )
     need(
       self.keel_alpha == 0 or self.keel_alpha > 1,

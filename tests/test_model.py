@@ -20,7 +20,13 @@ import pytest
 
 from keel_jax import residual
 from keel_jax.layers import Attention, rms_norm, rope
-from keel_jax.model import LM, ModelConfig, sublayer_activation_rms, sublayer_norms
+from keel_jax.model import (
+  LM,
+  REMAT_NAMES,
+  ModelConfig,
+  sublayer_activation_rms,
+  sublayer_norms,
+)
 
 B, T = 2, 12
 VOCAB = 48
@@ -544,17 +550,27 @@ def test_remat_matches_no_remat(variant, remat_reference):
   assert float(global_norm(grads)) > 0
 
 
-def count_ops(jaxpr, name: str) -> int:
-  """Equations named `name` in a jaxpr, nested ones (scan, remat bodies) included."""
-  n = 0
+def all_eqns(jaxpr):
+  """Every equation of a jaxpr, nested ones (scan, remat, custom-VJP bodies) included."""
   for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == name
+    yield eqn
     for param in eqn.params.values():
       for sub in param if isinstance(param, (list, tuple)) else [param]:
         sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
         if hasattr(sub, "eqns"):
-          n += count_ops(sub, name)
-  return n
+          yield from all_eqns(sub)
+
+
+def count_ops(jaxpr, name: str) -> int:
+  return sum(eqn.primitive.name == name for eqn in all_eqns(jaxpr))
+
+
+def test_remat_names_are_the_tagged_activations():
+  """REMAT_NAMES (what config validation accepts) is exactly what the model tags."""
+  cfg = REMAT_BASE
+  jaxpr = jax.make_jaxpr(loss_and_grad_fn(cfg))(random_params(cfg, seed=7), make_tokens(2))
+  tagged = {eqn.params["name"] for eqn in all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "name"}
+  assert tagged == set(REMAT_NAMES)
 
 
 def test_branch_remat_skips_output_projection_recompute():
@@ -804,6 +820,7 @@ def test_gradient_flow_pre_ln_more_skewed_than_keel(grad_profiles):
     (dict(residual="peri_ln"), "residual='peri_ln' is unknown; choose one of"),
     (dict(remat_policy="everything"), "remat_policy='everything'; choose one of"),
     (dict(remat_policy="names"), "needs config.model.remat_save_names"),
+    (dict(remat_policy="names", remat_save_names=("attn",)), r"unknown \['attn'\]; choose"),
     (dict(keel_alpha=0.5), "keel_alpha=0.5"),
     (dict(num_blocks=0), "num_blocks=0 must be >= 1"),
     (dict(norm="batchnorm"), "rmsnorm or layernorm"),
