@@ -158,15 +158,20 @@ def bench_attention(c, rows):
       rows.append(("attention", f"{impl} {case_shape}", "speedup_vs_reference", speedup, "x"))
 
 
+def step_remats(c) -> tuple[str, ...]:
+  """The remat policies the step section measures: "" (the model config's own), then extras."""
+  return ("", *c.step.extra_remat_policies)
+
+
 def bench_steps(c, rows, peak: dict):
   """Train-step time per attention implementation (Keel), and Keel vs Pre-LN at equal shape.
 
   The matmul peak is measured again in every round, under the same load as the steps.
   """
   auto = attention.resolve("auto")
-  # (residual, attention, remat policy); "" keeps the config's remat policy.
+  # (residual, attention, remat policy)
   variants = [("keel", impl, "") for impl in c.step.attention_impls]
-  for remat in ("", *c.step.extra_remat_policies):
+  for remat in step_remats(c):
     variants += [(r, auto, remat) for r in c.step.residuals if (r, auto, remat) not in variants]
   steps, states = {}, {}
   for v in variants:
@@ -206,7 +211,7 @@ def bench_steps(c, rows, peak: dict):
         ("step", case, "mfu_nominal_peak", flops_per_step / seconds / nominal, "fraction")
       )
   if "pre_ln" in c.step.residuals:
-    for remat in ("", *c.step.extra_remat_policies):
+    for remat in step_remats(c):
       ratio = best["keel", auto, remat] / best["pre_ln", auto, remat]
       case = f"keel/pre_ln attention={auto}" + (f" remat={remat}" if remat else "")
       rows.append(("step", case, "step_time_ratio", ratio, "x"))
@@ -334,7 +339,7 @@ def targets(c, rows, deep) -> list[tuple]:
   config_remat = {**default.get_config().model.to_dict(), **c.step.model}["remat_policy"]
   # One row per remat policy measured: the config's own (full recomputes the forward, which
   # MFU does not count, so it cannot exceed 0.75) and the extra ones.
-  for remat in ("", *c.step.extra_remat_policies):
+  for remat in step_remats(c):
     suffix = f" remat={remat}" if remat else ""
     label = suffix or f" remat={config_remat}"
     case = f"keel attention={auto}{suffix} d={d} T={c.step.seq_len}"

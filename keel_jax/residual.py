@@ -57,9 +57,8 @@ Norm = Callable[..., jnp.ndarray]  # norm(x, eps_scale=1.0)
 def apply(rule: Rule, x, f: Callable, norm_in: Norm | None, norm_out: Norm | None):
   """One sub-layer update of the fp32 residual stream `x` with branch `f`.
 
-  The branch runs in the compute dtype; its output is summed with `x` in fp32. It is
-  named "branch" for remat: LN_out's backward needs it, so a policy that saves it spares
-  recomputing the branch's output projection (remat_policy="branch").
+  The branch runs in the compute dtype; its output is summed with `x` in fp32. It is tagged
+  "branch" so that a remat policy can keep it (see model.remat_policy).
   """
   branch = lambda h: checkpoint_name(f(h), "branch").astype(jnp.float32)
   a = rule.alpha
