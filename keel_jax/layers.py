@@ -51,38 +51,45 @@ def _rms_norm_bwd(eps, residuals, dy_BxTxD):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+def normalize(kind: str, x_BxTxD, weights: dict, eps: float):
+  """RMSNorm (x / rms(x) · scale) or LayerNorm (+ bias) over the last axis, in fp32."""
+  x = x_BxTxD.astype(jnp.float32)
+  if kind == "rmsnorm":
+    return rms_norm(x, weights["scale"], eps)
+  x = x - jnp.mean(x, axis=-1, keepdims=True)
+  y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return y * weights["scale"] + weights["bias"]
+
+
 class Norm(nn.Module):
-  """RMSNorm (scale only, no bias) or LayerNorm, always computed in fp32.
+  """RMSNorm (scale only, no bias) or LayerNorm over `features`, always computed in fp32.
 
   `eps_scale` multiplies ε, so that Norm(c·x, eps_scale=1/c²) == Norm(x) exactly.
+  `weights()` returns the fp32 weights without normalizing anything: Keel's deferred LN_out
+  (model.Block) applies them one block later.
   """
 
+  features: int
   kind: str = "rmsnorm"
   eps: float = 1e-5
   param_dtype: Dtype = jnp.float32
+  axis: str = "embed"  # logical axis name of the weights
 
-  @nn.compact
-  def __call__(self, x_BxTxD, eps_scale: float = 1.0):
-    x = x_BxTxD.astype(jnp.float32)
-    d = x.shape[-1]
-    scale = self.param(
-      "scale",
-      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      (d,),
-      self.param_dtype,
-    )
-    eps = self.eps * eps_scale
-    if self.kind == "rmsnorm":
-      return rms_norm(x, scale.astype(jnp.float32), eps)
-    bias = self.param(
-      "bias",
-      nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      (d,),
-      self.param_dtype,
-    )
-    x = x - jnp.mean(x, axis=-1, keepdims=True)
-    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  def setup(self):
+    init = lambda f: nn.with_logical_partitioning(f, (self.axis,))
+    shape = (self.features,)
+    self.scale = self.param("scale", init(nn.initializers.ones), shape, self.param_dtype)
+    if self.kind == "layernorm":
+      self.bias = self.param("bias", init(nn.initializers.zeros), shape, self.param_dtype)
+
+  def weights(self) -> dict:
+    w = {"scale": self.scale.astype(jnp.float32)}
+    if self.kind == "layernorm":
+      w["bias"] = self.bias.astype(jnp.float32)
+    return w
+
+  def __call__(self, x, eps_scale: float = 1.0):
+    return normalize(self.kind, x, self.weights(), self.eps * eps_scale)
 
 
 def dense(x, w, contract: int = 1, preferred_element_type=None):
@@ -134,6 +141,8 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_fn: Callable = causal_attention
   decode: bool = False  # keep a KV cache; the first (init) call sizes it to its length
+  qkv_norm: str = ""  # "" | rmsnorm | layernorm: normalize each head's q, k, v (HybridNorm)
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT):
@@ -149,6 +158,13 @@ class Attention(nn.Module):
 
     x = x_BxTxD.astype(self.dtype)
     q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w) for w in (wq_DxHxE, wk_DxKxE, wv_DxKxE))
+    if self.qkv_norm:  # over each head's E features, one weight shared by the heads, before RoPE
+      norm = lambda name, a: Norm(
+        e, self.qkv_norm, self.norm_eps, self.param_dtype, axis="kv", name=f"{name}_norm"
+      )(a).astype(self.dtype)
+      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (
+        norm(n, a) for n, a in (("q", q_BxTxHxE), ("k", k_BxTxKxE), ("v", v_BxTxKxE))
+      )
     q_BxTxHxE = checkpoint_name(rope(q_BxTxHxE, positions_BxT, self.rope_theta), "query")
     k_BxTxKxE = checkpoint_name(rope(k_BxTxKxE, positions_BxT, self.rope_theta), "key")
     v_BxTxKxE = checkpoint_name(v_BxTxKxE, "value")

@@ -9,6 +9,7 @@ with parameters stacked on a leading `layers` axis.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from keel_jax import attention, residual
-from keel_jax.layers import FFN, Attention, Norm, dense, normal
+from keel_jax.layers import FFN, Attention, Norm, dense, normal, normalize
 
 REMAT_POLICIES = ("none", "full", "branch", "dots", "dots_no_batch", "names")
 # Activations tagged with checkpoint_name (layers.py, residual.py), for remat_policy="names".
@@ -136,54 +137,90 @@ class ModelConfig:
     )
 
 
+Carry = tuple  # (z [B, T, D], norm weights, pending): the stream is LN(z) if pending else z
+
+
+def settle(cfg: ModelConfig, rule: residual.BlockRule, carry: Carry):
+  """The residual stream from a carry: applies a deferred LN_out (see Block)."""
+  z_BxTxD, weights, pending = carry
+  if rule.ffn.form not in residual.SUM_THEN_NORM:
+    return z_BxTxD
+  eps = cfg.norm_eps * residual.out_eps_scale(rule.ffn)
+  return jnp.where(pending, normalize(cfg.norm, z_BxTxD, weights, eps), z_BxTxD)
+
+
+def start_carry(cfg: ModelConfig, x_BxTxD) -> Carry:
+  ones = jnp.ones((cfg.d_model,), jnp.float32)
+  weights = {"scale": ones} if cfg.norm == "rmsnorm" else {"scale": ones, "bias": 0 * ones}
+  return x_BxTxD, weights, jnp.zeros((), bool)
+
+
 class Block(nn.Module):
-  """One Transformer block: attention then FFN sub-layer, each wired by its rule."""
+  """One Transformer block: attention then FFN sub-layer, each wired by its rule.
+
+  Where the FFN sub-layer ends in LN_out(z) (Keel, Post-LN, DeepNorm), the block returns z and
+  LN_out's weights instead, and the next block (or the segment's end) applies LN_out. The
+  scan then saves z as its carry, which is exactly what LN_out's backward needs: under full
+  remat the backward recomputes no branch output, just as for Pre-LN (whose x + F passes the
+  gradient straight through). Same math, same parameters.
+  """
 
   cfg: ModelConfig
   rule: residual.BlockRule
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, keep_2=None):
+  def __call__(self, carry: Carry, positions_BxT, keep_2=None):
     cfg, rule = self.cfg, self.rule
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     beta_std = cfg.init_std * rule.beta
     attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
                      init_std=cfg.init_std, value_out_std=beta_std, dtype=dtype,
                      param_dtype=param_dtype, attention_fn=attention.get(cfg.attention_impl),
-                     decode=self.decode, name="attn")  # fmt: skip
+                     decode=self.decode, qkv_norm=cfg.norm if rule.qkv_norm else "",
+                     norm_eps=cfg.norm_eps, name="attn")  # fmt: skip
     ffn = FFN(cfg.d_ff, cfg.ffn, beta_std, dtype, param_dtype, name="ffn")
 
-    rms = []
-    for i, (name, sub_rule, f) in enumerate(
-      (("attn", rule.attn, lambda h: attn(h, positions_BxT)), ("ffn", rule.ffn, ffn))
-    ):
-      norm = lambda suffix, name=name: Norm(
-        cfg.norm, cfg.norm_eps, param_dtype, name=f"{name}_norm_{suffix}"
+    def norms(name, sub_rule):
+      norm = lambda suffix: Norm(
+        cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype, name=f"{name}_norm_{suffix}"
       )
-      y_BxTxD = residual.apply(
-        sub_rule,
-        x_BxTxD,
-        f,
-        norm("in") if sub_rule.norm_in else None,
-        norm("out") if sub_rule.norm_out else None,
+      return norm("in") if sub_rule.norm_in else None, norm("out") if sub_rule.norm_out else None
+
+    # keep_2[i] == 0 removes sub-layer i: the stream passes through (layer-removal studies).
+    kept = lambda i: True if keep_2 is None else keep_2[i] > 0
+    constrain = lambda a: nn.with_logical_constraint(a, ("batch", "seq", "embed"))
+    rms = lambda a: jnp.sqrt(jnp.mean(jnp.square(a)))
+
+    x_BxTxD = settle(cfg, rule, carry)
+    y_BxTxD = residual.apply(rule.attn, x_BxTxD, lambda h: attn(h, positions_BxT),
+                             *norms("attn", rule.attn))  # fmt: skip
+    x_BxTxD = constrain(jnp.where(kept(0), y_BxTxD, x_BxTxD))
+    rms_attn = rms(x_BxTxD)
+
+    norm_in, norm_out = norms("ffn", rule.ffn)
+    _, weights, _ = carry
+    if rule.ffn.form in residual.SUM_THEN_NORM:
+      z_BxTxD = residual.apply(rule.ffn, x_BxTxD, ffn, norm_in, lambda z, eps_scale=1.0: z)
+      carry = (
+        constrain(jnp.where(kept(1), z_BxTxD, x_BxTxD)),
+        norm_out.weights(),
+        jnp.asarray(kept(1)),
       )
-      # keep_2[i] == 0 removes this sub-layer: the stream passes through (layer-removal studies).
-      x_BxTxD = y_BxTxD if keep_2 is None else jnp.where(keep_2[i] > 0, y_BxTxD, x_BxTxD)
-      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "seq", "embed"))
-      rms.append(jnp.sqrt(jnp.mean(jnp.square(x_BxTxD))))
+    else:
+      y_BxTxD = residual.apply(rule.ffn, x_BxTxD, ffn, norm_in, norm_out)
+      carry = (constrain(jnp.where(kept(1), y_BxTxD, x_BxTxD)), weights, jnp.zeros((), bool))
     # Activation RMS after each sub-layer, for gradient-flow studies (stacked by scan).
-    self.sow("intermediates", "rms", jnp.stack(rms))
-    return x_BxTxD, None
+    self.sow("intermediates", "rms", jnp.stack([rms_attn, rms(settle(cfg, rule, carry))]))
+    return carry, None
 
 
 def remat_policy(cfg: ModelConfig):
   cp = jax.checkpoint_policies
   return {
     "full": cp.nothing_saveable,
-    # Full remat, but each sub-layer's branch output F is kept: LN_out's backward needs it,
-    # and recomputing it runs the output projections again, which Pre-LN never does (its
-    # backward does not need F). Costs one [B, T, D] in the compute dtype per sub-layer.
+    # Full remat, but each sub-layer's branch output F is kept (one [B, T, D] in the compute
+    # dtype per sub-layer): the backward then recomputes neither output projection.
     "branch": cp.save_only_these_names("branch"),
     "dots": cp.dots_saveable,
     "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
@@ -209,6 +246,12 @@ def nested_split(n: int) -> tuple[int, int]:
   return n // size, size
 
 
+def nested_groups(cfg: ModelConfig, n: int) -> tuple[int, int]:
+  """(groups, group size) of a segment of n blocks under cfg; (0, 0) when not nested."""
+  groups, size = nested_split(n) if cfg.nested_remat and cfg.scan_layers else (0, 0)
+  return (groups, size) if groups > 1 and size > 1 else (0, 0)
+
+
 class Group(nn.Module):
   """A scanned run of `length` identical blocks (the inner loop of nested remat)."""
 
@@ -218,16 +261,18 @@ class Group(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
+  def __call__(self, carry, positions_BxT, keep_Nx2=None):
     block = Block
     if self.cfg.remat_policy != "none":
       block = nn.remat(Block, policy=remat_policy(self.cfg), prevent_cse=False)
     body = scan(block, self.length)(self.cfg, self.rule, self.decode, name="blocks")
-    return body(x_BxTxD, positions_BxT, keep_Nx2)
+    return body(carry, positions_BxT, keep_Nx2)
 
 
-class Segment(nn.Module):
-  """`length` identical blocks: scanned (default), nested-remat scanned, or unrolled."""
+class Stack(nn.Module):
+  """`length` identical blocks as the memory settings lay them out: scanned (`main`), nested
+  remat (`groups` of scanned runs, then `main`), or unrolled (`block_i`). Its parameters are
+  stored in one layout whatever these settings say (see Segment)."""
 
   cfg: ModelConfig
   rule: residual.BlockRule
@@ -235,16 +280,16 @@ class Segment(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
+  def __call__(self, carry, positions_BxT, keep_Nx2=None):
     cfg, n = self.cfg, self.length
     if not cfg.scan_layers:
       for i in range(n):
         keep_2 = None if keep_Nx2 is None else keep_Nx2[i]
         block = Block(cfg, self.rule, self.decode, name=f"block_{i}")
-        x_BxTxD, _ = block(x_BxTxD, positions_BxT, keep_2)
-      return x_BxTxD
-    groups, size = nested_split(n) if cfg.nested_remat else (0, 0)
-    if groups > 1 and size > 1:
+        carry, _ = block(carry, positions_BxT, keep_2)
+      return carry
+    groups, size = nested_groups(cfg, n)
+    if groups:
       # Outer scan saves only one carry per group; each group's inner scan is
       # recomputed during the backward pass, so ~groups + size carries are live.
       # Its own axis name: a spec may not name `layers` twice.
@@ -254,13 +299,103 @@ class Segment(nn.Module):
         keep_GxSx2 = keep_Nx2[: groups * size].reshape(groups, size, 2)
         keep_Nx2 = keep_Nx2[groups * size :]
       outer = outer(cfg, self.rule, size, self.decode, name="groups")
-      x_BxTxD, _ = outer(x_BxTxD, positions_BxT, keep_GxSx2)
+      carry, _ = outer(carry, positions_BxT, keep_GxSx2)
       n -= groups * size
       if n == 0:
-        return x_BxTxD
-    stack = Group(cfg, self.rule, n, self.decode, name="stack")
-    x_BxTxD, _ = stack(x_BxTxD, positions_BxT, keep_Nx2)
-    return x_BxTxD
+        return carry
+    carry, _ = Group(cfg, self.rule, n, self.decode, name="main")(carry, positions_BxT, keep_Nx2)
+    return carry
+
+
+def _value(a):
+  return a.value if isinstance(a, nn.meta.Partitioned) else a
+
+
+def _relayout(tree, value_fn, names_fn):
+  """Maps each leaf's value (and, for boxed leaves, its logical axis names)."""
+  box = lambda a: isinstance(a, nn.meta.Partitioned)
+  one = lambda a: (
+    a.replace(value=value_fn(a.value), names=names_fn(a.names)) if box(a) else (value_fn(a))
+  )
+  return jax.tree.map(one, tree, is_leaf=box)
+
+
+def stored_layout(view: dict) -> dict:
+  """A Stack's parameters, as its settings lay them out → {"blocks": leaves [n, ...]}."""
+  if not view:
+    return view
+  if "block_0" in view:
+    blocks = [view[f"block_{i}"] for i in range(len(view))]
+    stacked = jax.tree.map(
+      lambda *a: _relayout(
+        a[0], lambda _: jnp.stack([_value(b) for b in a]), lambda n: ("layers", *n)
+      ),
+      *blocks,
+      is_leaf=lambda a: isinstance(a, nn.meta.Partitioned),
+    )
+    return {"blocks": stacked}
+  parts = []
+  if "groups" in view:
+    parts.append(
+      _relayout(view["groups"]["blocks"], lambda a: a.reshape(-1, *a.shape[2:]), lambda n: n[1:])
+    )
+  if "main" in view:
+    parts.append(view["main"]["blocks"])
+  box = lambda a: isinstance(a, nn.meta.Partitioned)
+  concat = lambda *a: _relayout(
+    a[0], lambda _: jnp.concatenate([_value(b) for b in a]), lambda n: n
+  )
+  return {"blocks": jax.tree.map(concat, *parts, is_leaf=box)}
+
+
+def view_layout(cfg: ModelConfig, n: int, stored: dict) -> dict:
+  """{"blocks": leaves [n, ...]} → the layout `Stack` builds under cfg's memory settings."""
+  if not stored:
+    return stored
+  blocks = stored["blocks"]
+  if not cfg.scan_layers:
+    return {f"block_{i}": _relayout(blocks, lambda a, i=i: a[i], lambda n: n[1:]) for i in range(n)}
+  groups, size = nested_groups(cfg, n)
+  if not groups:
+    return {"main": {"blocks": blocks}}
+  split = groups * size
+  view = {
+    "groups": {
+      "blocks": _relayout(
+        blocks,
+        lambda a: a[:split].reshape(groups, size, *a.shape[1:]),
+        lambda n: ("layer_groups", *n),
+      )
+    }
+  }
+  if split < n:
+    view["main"] = {"blocks": _relayout(blocks, lambda a: a[split:], lambda n: n)}
+  return view
+
+
+class Segment(nn.Module):
+  """`length` identical blocks. Their parameters are stored stacked `[length, ...]` under
+  `stack/blocks` whatever scan_layers and nested_remat say, so a run can change those
+  settings and resume; `Stack` sees them reshaped or sliced to its own layout."""
+
+  cfg: ModelConfig
+  rule: residual.BlockRule
+  length: int
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
+    cfg, n = self.cfg, self.length
+    per_collection = lambda fn: lambda cols: {k: fn(v) for k, v in cols.items()}
+    stack = nn.map_variables(
+      Stack,
+      "params",
+      trans_in_fn=per_collection(functools.partial(view_layout, cfg, n)),
+      trans_out_fn=per_collection(stored_layout),
+      init=self.is_initializing(),
+    )(cfg, self.rule, n, self.decode, name="stack")
+    carry = stack(start_carry(cfg, x_BxTxD), positions_BxT, keep_Nx2)
+    return nn.with_logical_constraint(settle(cfg, self.rule, carry), ("batch", "seq", "embed"))
 
 
 class LM(nn.Module):
@@ -301,7 +436,7 @@ class LM(nn.Module):
       start += length
       segment = Segment(cfg, rule, length, self.decode, name=f"segment_{i}")
       x_BxTxD = segment(x_BxTxD, positions_BxT, keep)
-    x_BxTxD = Norm(cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
+    x_BxTxD = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
       head_DxV = embed_VxD.T
     else:
@@ -318,14 +453,21 @@ class LM(nn.Module):
 
 
 def _per_block(tree) -> Any:
-  """A segment's subtree → the same leaves with one leading axis of blocks, in depth order."""
+  """A segment's subtree → the same leaves with one leading axis of blocks, in depth order.
+
+  Parameters (and grads) are always stored `stack/blocks`; sown intermediates keep the
+  layout the memory settings built (see Stack).
+  """
+  tree = tree["stack"]
+  if "blocks" in tree:
+    return tree["blocks"]
   if "block_0" in tree:  # unrolled
     return jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"block_{i}"] for i in range(len(tree))])
   parts = []
   if "groups" in tree:  # nested remat: [groups, group size, ...]
     parts.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree["groups"]["blocks"]))
-  if "stack" in tree:
-    parts.append(tree["stack"]["blocks"])
+  if "main" in tree:
+    parts.append(tree["main"]["blocks"])
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 

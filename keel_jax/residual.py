@@ -7,6 +7,8 @@ This file is the paper's one idea. Every scheme is one line of `apply`:
     deepnorm  LN_out(α·x + F(x))                α = (2N)^¼, N blocks
     sandwich  x + LN_out(F(LN_in(x)))           a.k.a. Peri-LN
     keel      LN_out(α·x + F(LN_in(x)))         α = L = 2N sub-layers
+    hybridnorm  attention x + F(x) with q, k, v each normalized inside F;
+                FFN h + F(h), h = LN_in(x)      (Zhuo et al. 2025, arXiv 2503.04598)
 
 `layout` turns a scheme name into the stack of blocks, e.g. Keel's first block
 (plain Pre-LN attention, α = 1 FFN) followed by N-1 full Keel blocks; Mix-LN as
@@ -23,19 +25,21 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-SCHEMES = ("keel", "pre_ln", "post_ln", "deepnorm", "sandwich", "mix_ln")
+SCHEMES = ("keel", "pre_ln", "post_ln", "deepnorm", "sandwich", "mix_ln", "hybridnorm")
+# Forms whose output is LN_out(z) of a residual sum z: their LN_out can be deferred (model.Block).
+SUM_THEN_NORM = ("post_ln", "deepnorm", "keel")
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """How one sub-layer is wired: which residual form, and its carry weight α."""
 
-  form: str  # pre_ln | post_ln | deepnorm | sandwich | keel
+  form: str  # pre_ln | post_ln | deepnorm | sandwich | keel | qkv_norm | norm_stream
   alpha: float = 1.0
 
   @property
   def norm_in(self) -> bool:
-    return self.form in ("pre_ln", "sandwich", "keel")
+    return self.form in ("pre_ln", "sandwich", "keel", "norm_stream")
 
   @property
   def norm_out(self) -> bool:
@@ -49,6 +53,10 @@ class BlockRule:
   attn: Rule
   ffn: Rule
   beta: float = 1.0
+
+  @property
+  def qkv_norm(self) -> bool:
+    return self.attn.form == "qkv_norm"
 
 
 Norm = Callable[..., jnp.ndarray]  # norm(x, eps_scale=1.0)
@@ -74,8 +82,18 @@ def apply(rule: Rule, x, f: Callable, norm_in: Norm | None, norm_out: Norm | Non
     case "keel":
       # LN_out(α·x + F) computed as LN_out(x + F/α) with ε/α²: identical for any
       # scale-invariant norm, and keeps the stream at unit scale (no α ≈ 1000 sums).
-      return norm_out(x + branch(norm_in(x)) / a, eps_scale=1.0 / a**2)
+      return norm_out(x + branch(norm_in(x)) / a, eps_scale=out_eps_scale(rule))
+    case "qkv_norm":  # HybridNorm's attention: the norms are on q, k, v inside the branch
+      return x + branch(x)
+    case "norm_stream":  # HybridNorm's FFN: the stream itself is normalized first
+      h = norm_in(x)
+      return h + branch(h)
   raise ValueError(f"unknown residual form {rule.form!r}")
+
+
+def out_eps_scale(rule: Rule) -> float:
+  """LN_out's ε multiplier: Keel sums x + F/α, a 1/α-scaled copy of α·x + F."""
+  return 1.0 / rule.alpha**2 if rule.form == "keel" else 1.0
 
 
 def keel_alpha(num_blocks: int, alpha: float = 0.0) -> float:
@@ -100,6 +118,8 @@ def layout(
       full = Rule("keel", alpha=keel_alpha(n, keel_alpha_override))
       first = BlockRule(Rule("pre_ln"), Rule("keel", alpha=1.0))
       segments = [(first, 1), (BlockRule(full, full), n - 1)]
+    case "hybridnorm":
+      segments = [(BlockRule(Rule("qkv_norm"), Rule("norm_stream")), n)]
     case "mix_ln":
       n_post = math.floor(mix_ln_fraction * n)
       segments = [
