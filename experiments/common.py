@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
+import io
 import math
 import os
 import platform
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 
 from configs import default
+from keel_jax import paths
 
 RUNS = "runs"  # per-run subdirectories (checkpoints, metrics); ignored by git
 _run_seconds: list[float] = []  # training time of every run returned, reused ones included
@@ -80,16 +80,15 @@ def train_run(config, run_dir: str) -> dict:
   """
   from keel_jax import train
 
-  done = os.path.join(run_dir, "result.json")
+  done = paths.join(run_dir, "result.json")
   config_json = config.to_json_best_effort(sort_keys=True)
-  if os.path.exists(done):
-    with open(done) as f:
-      result = json.load(f)
+  if paths.exists(done):
+    result = paths.read_json(done)
     if result.get("config") == config_json:
       _run_seconds.append(result["seconds"])
       return result
-  if os.path.exists(run_dir):  # unfinished or different: start clean, never half-resume
-    shutil.rmtree(run_dir)
+  if paths.exists(run_dir):  # unfinished or different: start clean, never half-resume
+    paths.rmtree(run_dir)
   t0 = time.perf_counter()
   status, error, final = "ok", "", {}
   try:
@@ -101,27 +100,24 @@ def train_run(config, run_dir: str) -> dict:
     "error": error,
     "seconds": time.perf_counter() - t0,
     "final": final,
-    "fingerprint": read_json(os.path.join(run_dir, "data_fingerprint.json")),
+    "fingerprint": read_json(paths.join(run_dir, "data_fingerprint.json")),
     "config": config_json,
   }
-  with open(done, "w") as f:
-    json.dump(result, f, indent=1)
+  paths.write_json(done, result, indent=1)
   _run_seconds.append(result["seconds"])
   return result
 
 
 def annotate(run_dir: str, **values) -> dict:
   """Adds `values` to a finished run's result.json (e.g. scores computed after training)."""
-  path = os.path.join(run_dir, "result.json")
+  path = paths.join(run_dir, "result.json")
   result = {**read_json(path), **values}
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
+  paths.write_json(path, result, indent=1)
   return result
 
 
 def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def finite(x) -> bool:
@@ -165,10 +161,11 @@ def peak_rss_mb() -> float:
 
 def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], digits=4) -> str:
   """rows → <stem>.csv and <stem>.md; returns the Markdown."""
-  with open(path_stem + ".csv", "w", newline="") as f:
-    w = csv.DictWriter(f, columns, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, columns, extrasaction="ignore")
+  w.writeheader()
+  w.writerows(rows)
+  paths.write_text(path_stem + ".csv", buf.getvalue())
 
   def cell(v):
     if isinstance(v, float):
@@ -178,8 +175,7 @@ def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], di
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
   md = "\n".join(lines) + "\n"
-  with open(path_stem + ".md", "w") as f:
-    f.write(md)
+  paths.write_text(path_stem + ".md", md)
   return md
 
 
@@ -197,7 +193,7 @@ def save_figure(fig, path: str) -> str:
   for ax in fig.axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)  # small PNGs: they are committed
+  paths.save_figure(fig, path, dpi=90)  # small PNGs: they are committed
   pyplot().close(fig)
   return path
 
@@ -230,12 +226,10 @@ def write_readme(
     lines.append(f"* corpus fingerprint: {fp} (full: data_fingerprint.json)")
   for heading, body in sections:
     lines += ["", f"## {heading}", "", body.rstrip()]
-  path = os.path.join(workdir, "README.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  path = paths.join(workdir, "README.md")
+  paths.write_text(path, "\n".join(lines) + "\n")
   if fingerprint:
-    with open(os.path.join(workdir, "data_fingerprint.json"), "w") as f:
-      json.dump(fingerprint, f, indent=2)
+    paths.write_json(paths.join(workdir, "data_fingerprint.json"), fingerprint, indent=2)
   return path
 
 
@@ -262,7 +256,7 @@ def main(run: Callable[[ml_collections.ConfigDict, str], dict]) -> None:
     if config.compilation_cache:
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+    paths.makedirs(flags.FLAGS.workdir)
     run(config, flags.FLAGS.workdir)
 
   app.run(_main)

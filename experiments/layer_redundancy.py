@@ -11,7 +11,6 @@ table.{csv,md} (Δ loss per position), summary.{csv,md}, redundancy.png and READ
 from __future__ import annotations
 
 import functools
-import glob
 import math
 import os
 import time
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from keel_jax import paths
 
 PAPER = (
   "Figures (ΔPPL when one layer is removed, per depth position): the first layers are critical "
@@ -62,8 +62,8 @@ def source_run(config, scheme: str) -> str | None:
     return None
   pattern = os.path.join(config.source, common.RUNS, common.run_name(scheme, config.num_blocks))
   best, best_loss = None, math.inf
-  for d in glob.glob(pattern + "_lr*"):
-    if "_seed" in os.path.basename(d) or not os.path.exists(os.path.join(d, "result.json")):
+  for d in paths.glob(pattern + "_lr*"):
+    if "_seed" in os.path.basename(d) or not paths.exists(os.path.join(d, "result.json")):
       continue
     res = common.read_json(os.path.join(d, "result.json"))
     loss_value = res["final"].get("eval/loss", math.inf) if res["status"] == "ok" else math.inf
@@ -110,7 +110,7 @@ def removal_losses(config, run_dir: str) -> tuple[float, list[float], dict]:
   base = loss_with(np.ones(n, np.float32))
   removed = [loss_with(keep) for _, keep in masks(n, config.unit)]
   facts = {
-    "run": os.path.relpath(run_dir),
+    "run": run_dir if paths.is_remote(run_dir) else os.path.relpath(run_dir),
     "lr": s.config.train.learning_rate,
     "steps": run.step,
     "fingerprint": s.dataset.fingerprint,

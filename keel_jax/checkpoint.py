@@ -15,15 +15,15 @@ Each step records a digest of its arrays' bits; one whose contents no longer mat
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
+
+from keel_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep={keep}: keep at least 1 checkpoint (config.train.keep_checkpoints)")
     # Orbax resolves relative paths against the cwd of each host; make it explicit.
-    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    self.directory = paths.path(directory)
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
       enable_async_checkpointing=async_save,

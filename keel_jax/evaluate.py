@@ -7,8 +7,6 @@ answers; writes <workdir>/eval_step_<N>.json and prints a summary.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import flax.linen as nn
@@ -41,7 +39,7 @@ def exact_match_accuracy(run, num_prompts: int) -> float:
 
 def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) -> dict:
   """Scores the checkpoint at `step` (default: latest) and writes its JSON report."""
-  from keel_jax import restore, sharding, train
+  from keel_jax import paths, restore, sharding, train
 
   if num_prompts < 1:
     raise ValueError(f"num_prompts={num_prompts} must be >= 1")
@@ -61,10 +59,8 @@ def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) 
     report["eval/exact_match"] = exact_match_accuracy(run, num_prompts)
     report["exact_match_prompts"] = num_prompts
   report["data_fingerprint"] = s.dataset.fingerprint
-  path = os.path.join(workdir, f"eval_step_{run.step}.json")
-  with open(path + ".tmp", "w") as f:  # a reader never sees half a report
-    json.dump(report, f, indent=2)
-  os.replace(path + ".tmp", path)
+  path = paths.join(workdir, f"eval_step_{run.step}.json")
+  paths.write_json(path, report, indent=2)  # atomic: a reader never sees half a report
   return {**report, "path": path}
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from keel_jax import paths
 from keel_jax.data import packing, sources, tokenizers
 
 # Every field of config.data with its default; a config may omit any of them.
@@ -121,7 +122,7 @@ def _tokenizer(c, corpus: sources.Corpus, cache_dir: str):
   if c.tokenizer == "byte":
     return tokenizers.ByteTokenizer()
   if c.spm_model:
-    return tokenizers.SentencePieceTokenizer.load(os.path.expanduser(c.spm_model))
+    return tokenizers.SentencePieceTokenizer.load(paths.resolve(c.spm_model))
   key = _key({"corpus": corpus.facts, "vocab": c.spm_vocab_size, "chars": c.spm_train_chars})
   path = os.path.join(cache_dir, "spm", f"{_safe(c.name)}-{c.spm_vocab_size}-{key}.model")
   if os.path.exists(path):
@@ -281,6 +282,10 @@ def make(cfg, seed: int = 0) -> Dataset:
   c = _validated(cfg)
   if not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed={seed!r} must be an int >= 0 (config.train.seed)")
+  if paths.is_remote(c.cache_dir):  # the token cache is memory-mapped
+    raise ValueError(
+      f"config.data.cache_dir={c.cache_dir!r} must be a local directory (it is memory-mapped)"
+    )
   cache_dir = os.path.expanduser(c.cache_dir or "~/.cache/keel_jax")
   corpus = sources.open_corpus(c)
   tokenizer = _tokenizer(c, corpus, cache_dir)
