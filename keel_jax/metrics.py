@@ -107,6 +107,11 @@ def quiet_libraries() -> None:
 
   if logging.get_verbosity() > logging.WARNING:
     logging.set_verbosity(logging.WARNING)
+  import logging as std_logging
+
+  # gcsfs logs every exhausted retry with a traceback; keel_jax.paths reports the failure in one
+  # line (StorageError), and its bucket-type probe warns on every emulator or HNS-less bucket.
+  std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
 
 
 def read(workdir: str) -> list[dict]:

@@ -10,6 +10,8 @@ single object upload is atomic already: readers see the old object or the new on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import os
@@ -21,6 +23,44 @@ from etils import epath
 # gcsfs caches directory listings per process; other hosts (and the next run) change the bucket
 # underneath, e.g. Orbax would read a checkpoint step pruned since. Listings are read fresh.
 fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
+
+
+class StorageError(OSError):
+  """A bucket read or write failed (after the client's retries); the message is one line."""
+
+
+def one_line(e: BaseException) -> str:
+  """The innermost cause of `e`, first line, with its type."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _storage(op: str, p):
+  """Remote failures (whatever the client raises) become one StorageError naming the path."""
+  if not is_remote(p):
+    yield
+    return
+  try:
+    yield
+  except (FileNotFoundError, StorageError):
+    raise
+  except Exception as e:
+    raise StorageError(f"{op} {p} failed: {one_line(e)}") from e
+
+
+def _guarded(op: str):
+  def wrap(fn):
+    @functools.wraps(fn)
+    def run(p, *args, **kwargs):
+      with _storage(op, p):
+        return fn(p, *args, **kwargs)
+
+    return run
+
+  return wrap
 
 
 def is_remote(path) -> bool:
@@ -47,23 +87,28 @@ def path(p) -> epath.Path:
   return epath.Path(resolve(p))
 
 
+@_guarded("checking")
 def exists(p) -> bool:
   return path(p).exists()
 
 
+@_guarded("checking")
 def isdir(p) -> bool:
   return path(p).is_dir()
 
 
+@_guarded("checking")
 def isfile(p) -> bool:
   return path(p).is_file()
 
 
+@_guarded("creating")
 def makedirs(p) -> None:
   """Creates the directory and its parents (a no-op on object stores with no directories)."""
   path(p).mkdir(parents=True, exist_ok=True)
 
 
+@_guarded("listing")
 def listdir(p) -> list[str]:
   """Names of the entries of a directory; [] if it does not exist."""
   d = path(p)
@@ -72,20 +117,24 @@ def listdir(p) -> list[str]:
   return sorted(child.name for child in d.iterdir())
 
 
+@_guarded("listing")
 def glob(p: str) -> list[str]:
   """Paths matching a pattern whose wildcards are in its last component."""
   head, pattern = os.path.split(resolve(p))
   return sorted(str(m) for m in path(head).glob(pattern)) if exists(head) else []
 
 
+@_guarded("deleting")
 def rmtree(p) -> None:
   path(p).rmtree(missing_ok=True)
 
 
+@_guarded("reading")
 def read_bytes(p) -> bytes:
   return path(p).read_bytes()
 
 
+@_guarded("reading")
 def read_text(p) -> str:
   return path(p).read_text()
 
@@ -94,6 +143,7 @@ def read_json(p):
   return json.loads(read_text(p))
 
 
+@_guarded("writing")
 def write_bytes(p, data: bytes) -> None:
   """Writes a whole file so that a reader sees the old contents or the new, never a mix."""
   target = path(p)
@@ -118,6 +168,7 @@ def write_json(p, obj, **kwargs) -> None:
   write_text(p, json.dumps(obj, **kwargs))
 
 
+@_guarded("writing")
 def append_text(p, text: str) -> None:
   """Appends to a file. Object stores cannot append: there the object is rewritten whole."""
   if not is_remote(p):
@@ -144,7 +195,7 @@ def check_writable(workdir: str) -> None:
     try:
       ok = path(bucket).exists()
     except Exception as e:  # network, credentials: the client's own exception types
-      raise ValueError(f"workdir {workdir!r}: cannot reach {bucket} ({_one_line(e)})") from None
+      raise ValueError(f"workdir {workdir!r}: cannot reach {bucket} ({one_line(e)})") from None
     if not ok:
       raise ValueError(f"workdir {workdir!r}: bucket {bucket} does not exist; create it first")
     return
@@ -153,8 +204,3 @@ def check_writable(workdir: str) -> None:
     p = os.path.dirname(p)
   if not os.path.isdir(p) or not os.access(p, os.W_OK | os.X_OK):
     raise ValueError(f"workdir {workdir!r} is not writable (checked {p}); choose another")
-
-
-def _one_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
