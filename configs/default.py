@@ -51,7 +51,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # corpora are tokenized once into cache_dir | stream | cache (TFDS too: fine for small sets)
   d.pipeline = "auto"
   d.num_threads = 4  # stream: Grain threads computing batches ahead of the trainer
-  d.num_workers = 0  # stream: Grain worker processes (0 → threads only)
   d.max_train_tokens = 0  # cache: 0 → all; cap on prepared train tokens
   d.max_eval_tokens = 2_000_000  # cap on prepared validation tokens (stream: read at start-up)
   d.spm_vocab_size = 8192  # sentencepiece: pieces, trained on a sample of the train split

@@ -1,6 +1,6 @@
 """Input speed: tokens/s the data pipeline produces beside tokens/s the train step consumes.
 
-  python -m experiments.data_benchmark [--seconds 5] [--c4_docs 4000] [--c4_batch 2]
+  python -m experiments.data_benchmark [--seconds 5] [--c4_docs 4000] [--c4_batch 2] [--skip_default]
 
 Two cases, each on one host:
 * default: configs/default.py (pycode, byte tokens, seq 128, batch 16; the cached pipeline);
@@ -83,9 +83,12 @@ def build_tfds(docs: list[str], data_dir: str) -> None:
     def _split_generators(self, dl_manager):
       del dl_manager
       cut = len(docs) * 19 // 20
-      return {"train": self._generate(docs[:cut]), "validation": self._generate(docs[cut:])}
+      return {
+        "train": self._generate_examples(docs[:cut]),
+        "validation": self._generate_examples(docs[cut:]),
+      }
 
-    def _generate(self, split_docs):
+    def _generate_examples(self, split_docs):
       for i, d in enumerate(split_docs):
         yield i, {"text": d}
 
@@ -121,7 +124,9 @@ def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seconds", type=float, default=5.0, help="how long to time the pipeline")
   p.add_argument("--c4_docs", type=int, default=4000, help="c4-like documents to prepare")
-  p.add_argument("--c4_batch", type=int, default=2, help="batch size of the seq-4096 case")
+  p.add_argument("--c4_batch", type=int, default=2, help="batch size of the c4-like case")
+  p.add_argument("--c4_seq_len", type=int, default=4096, help="sequence length of the c4-like case")
+  p.add_argument("--c4_vocab", type=int, default=8192, help="SentencePiece pieces (c4-like)")
   p.add_argument("--skip_default", action="store_true")
   args = p.parse_args(argv)
   rows = []
@@ -139,7 +144,8 @@ def main(argv=None) -> list[dict]:
       cache_dir=os.path.join(tmp, "cache"),
       tokenizer="sentencepiece",
       spm_train_chars=2_000_000,
-      seq_len=4096,
+      spm_vocab_size=args.c4_vocab,
+      seq_len=args.c4_seq_len,
       max_eval_tokens=100_000,
     )
     c.train.batch_size = args.c4_batch

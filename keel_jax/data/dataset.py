@@ -36,7 +36,6 @@ DEFAULTS = {
   "val_fraction": 0.05,
   "pipeline": "auto",
   "num_threads": 4,
-  "num_workers": 0,
   "max_train_tokens": 0,
   "max_eval_tokens": 2_000_000,
   "spm_vocab_size": 8192,
@@ -70,7 +69,6 @@ def _validated(cfg) -> types.SimpleNamespace:
     "arith_steps",
     "arith_num_problems",
     "num_threads",
-    "num_workers",
   ):
     v = getattr(c, key)
     need(isinstance(v, int) and not isinstance(v, bool), f"config.data.{key}={v!r} must be an int")
@@ -84,7 +82,6 @@ def _validated(cfg) -> types.SimpleNamespace:
     f"config.data.pipeline={c.pipeline!r} is unknown; choose one of {PIPELINES}",
   )
   need(c.num_threads >= 1, f"config.data.num_threads={c.num_threads} must be >= 1")
-  need(c.num_workers >= 0, f"config.data.num_workers={c.num_workers} must be >= 0")
   need(c.seq_len >= 2, f"config.data.seq_len={c.seq_len} must be >= 2")
   need(0 < c.val_fraction < 1, f"config.data.val_fraction={c.val_fraction} must be in (0, 1)")
   need(

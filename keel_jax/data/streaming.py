@@ -8,7 +8,7 @@ Documents are read by index from array_record files (local or gs://). Step s on 
     tokens (what does not fit is dropped; a shortfall is padding with weight 0).
 So step s is element s of a Grain `MapDataset`: a pure function of (seed, s, host), and a resumed
 run reads the same batches with no iterator state to checkpoint. Batches are computed ahead of
-the trainer by Grain's prefetching threads (or worker processes, config.data.num_workers).
+the trainer by Grain's prefetching threads (config.data.num_threads).
 Eval reads a fixed subset: the validation split's first documents, up to max_eval_tokens.
 """
 
@@ -55,7 +55,7 @@ class StreamingDataset:
     self.tokenizer = tokenizer
     self._corpus = corpus
     self._train_docs, val_docs = corpus.splits
-    self._num_workers, self._num_threads = c.num_workers, c.num_threads
+    self._num_threads = c.num_threads
     if len(self._train_docs) < 1 or len(val_docs) < 1:
       raise ValueError(f"{c.name!r} has an empty train or validation split; check the splits")
 
@@ -132,8 +132,6 @@ class StreamingDataset:
     ds = steps[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=8)
     )
-    if self._num_workers:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
     return iter(ds)
 
   def train_batch(
