@@ -18,7 +18,6 @@ import logging
 import math
 import platform
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -118,14 +117,18 @@ class StreamingDataset:
     k = self.docs_per_step(local)
     tok, seq_len = self.tokenizer, self.seq_len
     n = len(self._train_docs)
+    # This host's document order: a new permutation each epoch, every P-th document from h.
     # Epochs enough for any run; not infinite: Grain's lengths must fit an index.
-    docs = grain.MapDataset.source(self._train_docs).shuffle(seed=self.seed).repeat(2**40 // n)
-    docs = docs[process_index::process_count]
+    order = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(2**40 // n)
+    order = order[process_index::process_count]
+    docs = self._train_docs
+    read = docs.many if hasattr(docs, "many") else lambda idx: [docs[i] for i in idx]
 
-    def pack(texts: Sequence[str]) -> dict:
-      return _pack_rows(tok.encode_batch(list(texts)), local, seq_len, tok.eos_id, tok.pad_id)
+    def step_batch(step: int) -> dict:
+      texts = read([order[i] for i in range(step * k, (step + 1) * k)])
+      return _pack_rows(tok.encode_batch(texts), local, seq_len, tok.eos_id, tok.pad_id)
 
-    return docs.batch(k, batch_fn=list).map(pack)
+    return grain.MapDataset.range(len(order) // k).map(step_batch)
 
   def _iterator(self, steps, start: int):
     grain = self._grain
