@@ -197,6 +197,12 @@ class Checkpointer:
   def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
     """Cleans up after a failed save and returns the error to raise."""
     self._failed.add(step)
+    if paths.is_remote(self.directory):
+      # Nothing to clean on a bucket (see _remove_partial), and a reload would wait out the
+      # client's retries again when the bucket is what failed.
+      return CheckpointError(
+        f"saving checkpoint step {step} to {self.directory} failed: {_one_line(e)}"
+      )
     try:
       # Orbax dropped the steps this save would have pruned from its list (not from disk).
       self._manager.reload()

@@ -65,6 +65,12 @@ class Writer:
     if self.enabled and sys.stderr.isatty():
       print(file=sys.stderr)
 
+  def abandon(self) -> None:
+    """The run is failing: events still buffered for a bucket are dropped, not uploaded (the
+    bucket may be what failed, and each try would wait out the client's retries)."""
+    for f in _BufferedEventFiles.opened:
+      f.dead = True
+
 
 class _BufferedEventFile:
   """A TensorBoard event file on an object store: kept in memory, uploaded whole at each flush
@@ -72,22 +78,32 @@ class _BufferedEventFile:
 
   def __init__(self, path: str):
     self.path, self._data, self._uploaded = path, bytearray(), 0
+    self.dead = False  # after a failed upload or an abandoned run: no more uploads
 
   def write(self, data: bytes) -> None:
     self._data += data
 
   def flush(self) -> None:
-    if len(self._data) != self._uploaded:
+    if self.dead or len(self._data) == self._uploaded:
+      return
+    try:
       paths.write_bytes(self.path, bytes(self._data))
-      self._uploaded = len(self._data)
+    except paths.StorageError:
+      # Raised once (the run stops with it); tensorboardX's exit hook must not wait again.
+      self.dead = True
+      raise
+    self._uploaded = len(self._data)
 
   def close(self) -> None:
     self.flush()
 
 
 class _BufferedEventFiles:
+  opened: list[_BufferedEventFile] = []
+
   def open(self, path: str) -> _BufferedEventFile:
-    return _BufferedEventFile(path)
+    self.opened.append(_BufferedEventFile(path))
+    return self.opened[-1]
 
   def directory_check(self, path: str) -> None:
     del path  # object stores have no directories to create

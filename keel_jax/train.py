@@ -437,6 +437,9 @@ def train(config, workdir: str) -> dict:
       if pending is not None:
         fetch(*pending)
       ckpt.wait()
+    except BaseException:
+      writer.abandon()
+      raise
     finally:
       ckpt.close()
       writer.close()
