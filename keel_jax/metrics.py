@@ -128,6 +128,18 @@ def quiet_libraries() -> None:
   # gcsfs logs every exhausted retry with a traceback; keel_jax.paths reports the failure in one
   # line (StorageError), and its bucket-type probe warns on every emulator or HNS-less bucket.
   std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
+  # Orbax logs a failed background save with its traceback before our CheckpointError reports it
+  # in one line: keep Orbax's line, drop the traceback.
+  absl_logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxTracebacks())
+
+
+class _NoOrbaxTracebacks:
+  def filter(self, record) -> bool:
+    if "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def read(workdir: str) -> list[dict]:

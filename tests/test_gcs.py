@@ -57,6 +57,7 @@ save_at = int(os.environ.get("KEEL_PAUSE_SAVE", "-1"))
 save = checkpoint.Checkpointer.save
 def paused_save(self, step, *args, **kwargs):
   if step == save_at:
+    self.wait()  # the previous step is complete: the outage hits this one
     print(f"SAVING step {step}", flush=True)
     deadline = time.monotonic() + 120
     while not released and time.monotonic() < deadline:
