@@ -394,12 +394,14 @@ from keel_jax.tasks import scoring
 import ml_collections
 from configs import default
 
-cfg = ModelConfig(vocab_size=384, d_model=32, num_heads=2, num_kv_heads=1, num_blocks=2)
+# Two KV heads: the tensor axis (2) splits them.
+cfg = ModelConfig(vocab_size=384, d_model=32, num_heads=2, num_kv_heads=2, num_blocks=2)
 boxed = LM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 params = nn.unbox(boxed)
 leaves, treedef = jax.tree.flatten(params)
 keys = jax.random.split(jax.random.key(1), len(leaves))
-params = jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+noise = [0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
+params = jax.tree.unflatten(treedef, [a + n for a, n in zip(leaves, noise)])
 tok = ByteTokenizer()
 pairs = [("Question: %d?" % i + " x" * i, " answer %d" % (i * 7)) for i in range(11)]
 single = tasks.Model(cfg, params, tok, batch_size=4, seq_len=32)
@@ -413,9 +415,10 @@ sharded = tasks.Model(cfg, sharded_params, tok, batch_size=4, seq_len=32,
 a, ga = single.loglikelihoods(pairs)
 b, gb = sharded.loglikelihoods(pairs)
 prompts = ["a=1,b=2,c=3;a+=b;a?", "b=9,c=0,a=4;c=b;c?", "a=5,b=5,c=5;b*=3;b?"]
-print(json.dumps({"single": a.tolist(), "sharded": b.tolist(), "gs": ga.tolist(), "gb": gb.tolist(),
-                  "dp": sharded.mesh.data_parallel,
-                  "gen_single": single.greedy(prompts, 3), "gen_sharded": sharded.greedy(prompts, 3)}))
+out = {"single": a.tolist(), "sharded": b.tolist(), "gs": ga.tolist(), "gb": gb.tolist()}
+out["dp"] = sharded.mesh.data_parallel
+out["gen_single"], out["gen_sharded"] = single.greedy(prompts, 3), sharded.greedy(prompts, 3)
+print(json.dumps(out))
 """
 
 
