@@ -28,6 +28,7 @@ __all__ = [
   "Task",
   "arith_task",
   "average",
+  "for_config",
   "markdown_table",
   "resolve",
   "run_tasks",
@@ -49,6 +50,17 @@ def resolve(names: str | Sequence[str | Task]) -> list[Task]:
       out.append(TASKS[n])
     else:
       raise ValueError(f"unknown task {n!r}; known tasks: {', '.join(TASKS)}")
+  return out
+
+
+def for_config(names: str | Sequence[str | Task], config) -> list[Task]:
+  """`resolve(names)` for a training run: `arith` at the run's difficulty and held-out fraction
+  when it trained on arith (config.data.arith_steps, val_fraction)."""
+  out = resolve(names)
+  d = config.data
+  if d.name == "arith":
+    arith = arith_task(steps=d.arith_steps, val_fraction=d.val_fraction)
+    out = [arith if t is TASKS["arith"] else t for t in out]
   return out
 
 
