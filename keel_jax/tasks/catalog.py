@@ -7,6 +7,7 @@ one fails at once, naming the `tfds build` command that prepares it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -57,9 +58,26 @@ def _builder(name: str, data_dir: str | None):
     return None
 
 
+@contextlib.contextmanager
+def _quiet():
+  """TFDS warns on stderr while it looks for a dataset; the error raised says it in one line."""
+  from absl import logging
+
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(old)
+
+
 def tfds_docs(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
   """Random-access records of a prepared TFDS split; ValueError with the build command if not."""
+  with _quiet():
+    return _tfds_docs(name, split, data_dir)
 
+
+def _tfds_docs(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
   data_dir = data_dir or None
   where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   build = f"tfds build {name} --file_format=array_record"
