@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -385,55 +386,93 @@ def test_markdown_table_and_average():
 # ---------------------------------------------------------------- sharded == single device
 
 SHARDED = """
-import json, sys
-import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+import json, os
+import jax
+procs = int(os.environ["KEEL_PROCS"])
+if procs > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(os.environ["KEEL_COORD"], procs, int(os.environ["KEEL_PROC_ID"]))
+import flax.linen as nn, jax.numpy as jnp, numpy as np
 from keel_jax import sharding, tasks
 from keel_jax.data import ByteTokenizer
 from keel_jax.model import LM, ModelConfig
 from keel_jax.tasks import scoring
-import ml_collections
 from configs import default
 
 # Two KV heads: the tensor axis (2) splits them.
 cfg = ModelConfig(vocab_size=384, d_model=32, num_heads=2, num_kv_heads=2, num_blocks=2)
-boxed = LM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-params = nn.unbox(boxed)
-leaves, treedef = jax.tree.flatten(params)
-keys = jax.random.split(jax.random.key(1), len(leaves))
-noise = [0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
-params = jax.tree.unflatten(treedef, [a + n for a, n in zip(leaves, noise)])
-tok = ByteTokenizer()
-pairs = [("Question: %d?" % i + " x" * i, " answer %d" % (i * 7)) for i in range(11)]
-single = tasks.Model(cfg, params, tok, batch_size=4, seq_len=32)
+boxed = jax.eval_shape(LM(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 mc = default.get_config().mesh
 mc.shape = (2, 2, 2)
 mesh, rules = sharding.make_mesh(mc), sharding.rules(mc)
 shardings = sharding.logical_to_sharding(boxed, mesh, rules)
-sharded_params = jax.device_put(params, shardings)
-sharded = tasks.Model(cfg, sharded_params, tok, batch_size=4, seq_len=32,
-                      mesh=scoring.Mesh(mesh, rules))
-a, ga = single.loglikelihoods(pairs)
-b, gb = sharded.loglikelihoods(pairs)
-prompts = ["a=1,b=2,c=3;a+=b;a?", "b=9,c=0,a=4;c=b;c?", "a=5,b=5,c=5;b*=3;b?"]
-out = {"single": a.tolist(), "sharded": b.tolist(), "gs": ga.tolist(), "gb": gb.tolist()}
-out["dp"] = sharded.mesh.data_parallel
-out["gen_single"], out["gen_sharded"] = single.greedy(prompts, 3), sharded.greedy(prompts, 3)
+
+def init():
+  params = nn.unbox(LM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape)
+                                      for a, k in zip(leaves, keys)])
+
+params = jax.jit(init, out_shardings=shardings)()  # the same values on any mesh
+tok = ByteTokenizer()
+pairs = [("Question: %d?" % i + " x" * i, " answer %d" % (i * 7)) for i in range(11)]
+sharded = tasks.Model(cfg, params, tok, batch_size=4, seq_len=32, mesh=scoring.Mesh(mesh, rules))
+ll, greedy = sharded.loglikelihoods(pairs)
+out = {"sharded": ll.tolist(), "greedy": greedy.tolist(), "dp": sharded.mesh.data_parallel}
+if procs == 1:  # single device, and generation (one host only)
+  local = jax.device_get(params)
+  single = tasks.Model(cfg, local, tok, batch_size=4, seq_len=32)
+  out["single"], out["single_greedy"] = [x.tolist() for x in single.loglikelihoods(pairs)]
+  prompts = ["a=1,b=2,c=3;a+=b;a?", "b=9,c=0,a=4;c=b;c?", "a=5,b=5,c=5;b*=3;b?"]
+  out["gen_single"], out["gen_sharded"] = single.greedy(prompts, 3), sharded.greedy(prompts, 3)
 print(json.dumps(out))
 """
 
 
-def test_sharded_scoring_equals_single_device():
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "PYTHONPATH": ROOT,
-  }
-  r = subprocess.run(
-    [sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
-  assert out["dp"] == 4
-  np.testing.assert_allclose(out["sharded"], out["single"], rtol=1e-5, atol=1e-4)
-  assert out["gs"] == out["gb"] and out["gen_single"] == out["gen_sharded"]
+def test_sharded_scoring_equals_single_device_and_every_host_agrees():
+  """1 process × 8 fake devices and 2 processes × 4, both on a (2, 2, 2) mesh."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  base = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  runs = [
+    {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "KEEL_PROCS": "1"},
+    *[
+      {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "KEEL_PROCS": "2",
+        "KEEL_PROC_ID": str(i),
+        "KEEL_COORD": f"127.0.0.1:{port}",
+      }
+      for i in range(2)
+    ],
+  ]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", SHARDED],
+      cwd=ROOT,
+      env={**base, **extra},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for extra in runs
+  ]
+  outs = []
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=600)
+      assert p.returncode == 0, stderr[-3000:]
+      outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  one, *hosts = outs
+  assert one["dp"] == 4
+  np.testing.assert_allclose(one["sharded"], one["single"], rtol=1e-5, atol=1e-4)
+  assert one["greedy"] == one["single_greedy"] and one["gen_single"] == one["gen_sharded"]
+  for h in hosts:  # each host scored its rows; every host has every score
+    np.testing.assert_allclose(h["sharded"], one["sharded"], rtol=1e-5, atol=1e-5)
+    assert h["greedy"] == one["greedy"]
