@@ -476,3 +476,22 @@ def test_sharded_scoring_equals_single_device_and_every_host_agrees():
   for h in hosts:  # each host scored its rows; every host has every score
     np.testing.assert_allclose(h["sharded"], one["sharded"], rtol=1e-5, atol=1e-5)
     assert h["greedy"] == one["greedy"]
+
+
+def test_training_config_checks_its_tasks_before_training(tmp_path):
+  from configs import default
+  from keel_jax import train
+
+  c = default.get_config()
+  assert train.task_list(c) == []  # off by default
+  c.train.task_eval_every = 5
+  c.train.tasks = "arith,nope"
+  with pytest.raises(ValueError, match="config.train.tasks: unknown task 'nope'"):
+    train.task_list(c)
+  c.train.tasks = "piqa"
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match="tfds build piqa"):
+    train.task_list(c)
+  c.train.task_eval_every = -1
+  with pytest.raises(ValueError, match="task_eval_every=-1 must be >= 0"):
+    train.task_list(c)
