@@ -173,6 +173,15 @@ def test_greedy_is_argmax_of_full_forward_on_its_own_output(seed):
     assert np.argmax(logits[i, n - 1 : n - 1 + N], axis=-1).tolist() == outs[i], i
 
 
+def test_pad_to_changes_only_the_compiled_shape():
+  """Extra left padding (pad_to, which lets task batches share a compile) is hidden by PAD_POS."""
+  cfg = make_cfg()
+  prompts = [random_sequences()[0, :7].tolist(), random_sequences()[1, :2].tolist()]
+  kw = dict(vocab=VOCAB, temperature=0.0)
+  want = sample.generate(cfg, random_params(cfg), prompts, N, **kw)
+  assert sample.generate(cfg, random_params(cfg), prompts, N, pad_to=P + 6, **kw) == want
+
+
 def test_greedy_is_deterministic_and_top_k_1_or_tiny_top_p_equal_greedy():
   prompts = prompts_of(random_sequences(seed=2))
   assert KEEL.remat_policy == "full"  # generate drops remat for its own copy only
