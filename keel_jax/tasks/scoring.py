@@ -154,7 +154,10 @@ def greedy(
   """
   if mesh is not None:
     if jax.process_count() > 1:
-      raise NotImplementedError("generative tasks run on one host; score them after gathering")
+      raise ValueError(
+        "generative tasks (arith, gsm8k) run on one host: score them with keel_jax.evaluate "
+        "in a single process"
+      )
     dp = mesh.data_parallel
     batch_size = -(-batch_size // dp) * dp
   else:
