@@ -1,9 +1,10 @@
 """Keeps libtpu from starting on hosts without a TPU, so CPU/GPU runs start quietly.
 
-With the `tpu` extra installed, JAX tries the TPU backend on every host, and on a machine without a TPU
-libtpu prints several lines of start-up errors before JAX falls back to the CPU. When JAX_PLATFORMS is
-unset and the host shows no sign of a TPU, this sets it to the other platforms JAX could use, before
-JAX starts its backends. A TPU host, or any explicit JAX_PLATFORMS (even empty), is left alone.
+With the `tpu` extra installed, JAX tries the TPU backend on every host, and on a machine without
+a TPU libtpu prints several lines of start-up errors before JAX falls back to the CPU. When
+JAX_PLATFORMS is unset and the host shows no sign of a TPU, this sets it to the other platforms JAX
+could use, before JAX starts its backends. A TPU host, or any explicit JAX_PLATFORMS (even empty),
+is left alone.
 """
 
 import glob

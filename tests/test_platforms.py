@@ -1,4 +1,4 @@
-"""keel_jax picks JAX platforms so that hosts without a TPU start quietly and TPU hosts are untouched."""
+"""keel_jax picks JAX platforms: hosts without a TPU start quietly, TPU hosts are untouched."""
 
 import os
 import subprocess

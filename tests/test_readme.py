@@ -130,6 +130,15 @@ def check_make_test(command, tmp_path, demo_workdir):
   assert "set -e" in ci or "exec make test" in ci or "make test ||" in ci
 
 
+def check_make_test_latest(command, tmp_path, demo_workdir):
+  """Run by CI itself (a venv of the newest releases): .ci/run calls it, without constraints."""
+  ci = open(os.path.join(ROOT, ".ci", "run")).read()
+  assert re.search(r"^\s*make test-latest\b", ci, re.M), ".ci/run must call `make test-latest`"
+  makefile = open(os.path.join(ROOT, "Makefile")).read()
+  recipe = re.search(r"^\$\(STAMP_LATEST\):.*?\n\n", makefile, re.S | re.M).group(0)
+  assert "constraints.txt" not in recipe.split(":", 1)[1] and " -c " not in recipe
+
+
 def check_pip_extra(command, tmp_path, demo_workdir):
   """`pip install -e .[extra]`: make install (run by CI) installs every extra the README names."""
   extra = re.search(r"\[(\w+)\]", command).group(1)
@@ -199,6 +208,7 @@ def check_two_processes(command, tmp_path, demo_workdir):
 COVERAGE = [
   (r"^make demo$", check_make_demo),
   (r"^make test$", check_make_test),
+  (r"^make test-latest$", check_make_test_latest),
   (r'^pip install -e "?\.\[\w+\]"?$', check_pip_extra),
   (r"^(\S*python) -m keel_jax\.main ", check_main),
   (r"^(\S*python) -m keel_jax\.(sample|evaluate) --workdir=workdirs/demo", check_on_demo),
