@@ -284,6 +284,12 @@ def train(config, workdir: str) -> dict:
   s = setup(config, workdir)
   t = config.train
   lead = jax.process_index() == 0
+  if s.model_cfg.remat_policy == "auto":
+    from keel_jax import remat_auto  # it compiles steps with the AOT code, which imports this
+
+    s, choice = remat_auto.choose(s, s.mesh.devices.flat[0])
+    if lead:
+      print(choice.summary(), flush=True)
   os.makedirs(workdir, exist_ok=True)
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
