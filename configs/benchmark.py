@@ -20,7 +20,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown benchmark preset {preset!r}; choose one of {PRESETS}")
   c = ml_collections.ConfigDict()
   c.preset = preset
-  c.repeats = 5  # timed steps per measurement (best is reported), after one warm-up
+  c.repeats = 3  # timed steps per measurement (best is reported), after one warm-up
   c.matmul_sizes = (1024, 2048)  # measured matmul peak: best over these n×n fp32 matmuls
 
   # Compile time of the real train step vs depth (sub-layers), scanned and unrolled.

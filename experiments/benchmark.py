@@ -677,10 +677,17 @@ def run(c, workdir: str) -> tuple[list, list]:
   os.makedirs(workdir, exist_ok=True)
   rows: list[tuple] = []
 
+  def write_rows():
+    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(COLUMNS)
+      w.writerows(rows)
+
   def section(name, fn, *args):
     t = time.perf_counter()
     out = fn(c, rows, *args)
     print(f"benchmark: {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    write_rows()  # what is measured so far survives an interrupted run
     return out
 
   peak = section("device", bench_device)
@@ -694,10 +701,6 @@ def run(c, workdir: str) -> tuple[list, list]:
   bad = [r for r in rows if not np.isfinite(r[3])]
   if bad:
     raise RuntimeError(f"non-finite measurements: {bad}")
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(COLUMNS)
-    w.writerows(rows)
   with open(os.path.join(workdir, "targets.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(("target", "measured", "threshold", "result", "note"))

@@ -49,7 +49,10 @@ BENCHMARK_SHRINK = (
   "--config.memory.model.d_model=32 --config.memory.seq_len=32 --config.memory.batch_size=2 "
   "--config.memory.depths='(4,)' --config.memory.policies=\"('full',)\" "
   "--config.deep.model.d_model=32 --config.deep.model.num_heads=2 "
-  "--config.deep.model.num_kv_heads=1 --config.deep.model.num_blocks=4 --config.deep.seq_len=32"
+  "--config.deep.model.num_kv_heads=1 --config.deep.model.num_blocks=4 --config.deep.seq_len=32 "
+  "--config.deep.moment_dtypes=\"('bfloat16',)\" --config.decode.model.d_model=32 "
+  "--config.decode.depths='(4,)' --config.decode.batch_size=1 --config.decode.prompt_len=4 "
+  "--config.decode.new_tokens=4 --config.decode.bucket=4"
 )
 
 
