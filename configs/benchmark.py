@@ -104,7 +104,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.memory.parallel = 2
     c.deep.model = dict(d_model=32, num_heads=2, num_kv_heads=1, num_blocks=512, nested_remat=True)
     c.deep.seq_len = 32
-    c.auto.budgets_gb = (0.0, 0.005)
+    c.auto.budgets_gb = (0.0, 0.012)
     c.decode.model = dict(d_model=32, num_heads=2, num_kv_heads=1)
     c.decode.depths = (16, 64)
     c.decode.batch_size, c.decode.prompt_len, c.decode.new_tokens = 2, 8, 16

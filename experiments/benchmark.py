@@ -617,8 +617,8 @@ def targets(c, rows, deep, chosen, speedups) -> list[tuple]:
     limit = thr["deep_over_floor"]
     note = f"floor {row['floor_mb'] / 1e3:.2f} GB, peak {row['peak_mb'] / 1e3:.2f} GB"
     out.append((f"2. peak / floor, {row['case']}", ratio, f"<= {limit}", ratio <= limit, note))
-  small, large = min(c.auto.budgets_gb or [0]), 0.0  # 0: the machine's memory
-  if chosen:
+  small, large = min([gb for gb in c.auto.budgets_gb if gb] or [0.0]), 0.0  # 0: the RAM
+  if small and large in chosen:
     ok = chosen[small] in ("full", "nested") and chosen[large] in ("none", "branch")
     note = f"{small} GB → {chosen[small]}; RAM → {chosen[large]}"
     out.append(("3. remat auto: small budget → full/nested, large → none/branch",
