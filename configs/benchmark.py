@@ -22,26 +22,28 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   c.repeats = 3  # timed steps per measurement (best is reported), after one warm-up
   c.matmul_sizes = (1024, 2048)  # measured matmul peak: best over these n×n fp32 matmuls
+  c.attention_impls = ("reference", "blocked", "sdpa")  # timed alone, at the step's shape
 
   # Compile time of the real train step vs depth (sub-layers), scanned and unrolled.
   c.compile = ml_collections.ConfigDict()
   c.compile.model = dict(d_model=64, num_heads=2, num_kv_heads=1)
   c.compile.seq_len, c.compile.batch_size = 64, 2
   c.compile.scan_depths = (16, 64, 256, 1024)
-  c.compile.unrolled_depths = (16, 32, 64)  # unrolled compile time grows with depth: small only
-  c.compile.repeats = 2  # scanned depths: best of this many compiles, round-robin
+  c.compile.unrolled_depths = (16, 32)  # unrolled compile time grows with depth: small only
+  c.compile.repeats = 1  # scanned depths: best of this many compiles, round-robin
 
   # Step time, tokens/s and MFU, per attention implementation; Keel vs Pre-LN at the same shape.
   c.step = ml_collections.ConfigDict()
   # 8 blocks: Keel's distinct first block is then one of eight, as in any deep model.
   c.step.model = dict(d_model=512, num_heads=8, num_kv_heads=4, num_blocks=8)
   c.step.seq_len, c.step.batch_size = 512, 8
-  c.step.attention_impls = ("reference", "blocked", "sdpa")
+  # Each impl is one more d=512 step per round; the attention section times them all alone.
+  c.step.attention_impls = ("blocked",)
   c.step.residuals = ("keel", "pre_ln")  # compared with the default attention implementation
   # Both residuals with the default attention and these remat policies too (the model config's
   # is "full", which recomputes the forward: FLOPs MFU does not count; "branch" keeps each
   # sub-layer's output, which Keel's LN_out backward needs, instead of recomputing it).
-  c.step.extra_remat_policies = ("branch", "none")
+  c.step.extra_remat_policies = ("branch",)
   c.step.peer = True  # the plain Pre-LN PeerLM (experiments/benchmark.py) at the same size
 
   # Peak memory vs depth per remat policy ("nested" = full remat + √L nested remat).
@@ -53,8 +55,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # Enough tokens that saved activations, not the optimizer state, dominate at depth (remat
   # none at L=1024 then peaks near 7 GB).
   c.memory.seq_len, c.memory.batch_size = 256, 4
-  c.memory.depths = (16, 64, 256, 1024)
-  c.memory.policies = ("none", "dots", "branch", "full", "nested")
+  c.memory.depths = (64, 1024)
+  c.memory.policies = ("none", "branch", "full", "nested")
   c.memory.parallel = 1  # points measured at once (rss): RSS is per process, so this is safe
 
   # The deep-model target: train 1024 sub-layers at d=256 near the memory floor, with Adam's
@@ -96,6 +98,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.step.model = dict(d_model=64, num_heads=4, num_kv_heads=2, num_blocks=1)
     c.step.seq_len, c.step.batch_size = 256, 2
     c.step.attention_impls = ("reference", "blocked")
+    c.attention_impls = ("reference", "blocked")
     c.step.extra_remat_policies = ()
     c.memory.model = dict(d_model=32, num_heads=2, num_kv_heads=1)
     c.memory.seq_len, c.memory.batch_size = 32, 2
@@ -116,6 +119,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.step.model = dict(d_model=1024, num_heads=16, num_kv_heads=8, num_blocks=8, dtype="bfloat16")
     c.step.seq_len, c.step.batch_size = 2048, 16
     c.step.attention_impls = ("reference", "blocked", "splash")
+    c.attention_impls = ("reference", "blocked", "splash")
     c.memory.method = "analysis"  # one process per point would restart the TPU runtime each time
     c.deep.moment_dtypes = ("bfloat16",)
     c.auto.budgets_gb = (0.0, 4.0)

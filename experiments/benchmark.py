@@ -173,7 +173,7 @@ def bench_attention(c, rows):
   vals = jax.random.normal(kv, (b, t, k, e), dtype)
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
   fns = {}
-  for impl in c.step.attention_impls:
+  for impl in c.attention_impls:
     fn = attention.get(impl)
     loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, pos, pos).astype(jnp.float32) ** 2)
     fns[impl] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -45,6 +45,7 @@ BENCHMARK_SHRINK = (
   "--config.compile.model.d_model=32 --config.step.model.d_model=64 "
   "--config.step.model.num_blocks=1 --config.step.seq_len=128 --config.step.batch_size=2 "
   "--config.step.attention_impls=\"('reference','blocked')\" "
+  "--config.attention_impls=\"('reference','blocked')\" "
   "--config.step.extra_remat_policies='()' "
   "--config.memory.model.d_model=32 --config.memory.seq_len=32 --config.memory.batch_size=2 "
   "--config.memory.depths='(4,)' --config.memory.policies=\"('full',)\" "
