@@ -671,8 +671,27 @@ def markdown(c, rows, target_rows, seconds) -> str:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(c, workdir: str) -> tuple[list, list]:
-  """Runs every section of preset `c`; writes results.csv/.md to workdir; returns the tables."""
+SECTIONS = ("compile", "attention", "step", "decode", "auto", "memory")
+# The row sections each benchmark section writes (the step section reports the device too).
+ROW_SECTIONS = {"step": ("device", "step"), "memory": ("memory", "deep")}
+
+
+def read_rows(path: str, skip: set[str]) -> list[tuple]:
+  """Rows of an earlier run's results.csv, less those of the row sections in `skip`."""
+  with open(path, newline="") as f:
+    return [
+      (r["section"], r["case"], r["metric"], float(r["value"]), r["unit"])
+      for r in csv.DictReader(f)
+      if r["section"] not in skip
+    ]
+
+
+def run(c, workdir: str, sections=SECTIONS, rows_from: str = "") -> tuple[list, list]:
+  """Runs `sections` of preset `c` (the rest's rows read from `rows_from`, an earlier run's
+  results.csv, if given); writes results.csv/.md to workdir; returns the tables."""
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f"--sections has unknown {unknown}; choose from {SECTIONS}")
   t0 = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   rows: list[tuple] = []
@@ -684,19 +703,26 @@ def run(c, workdir: str) -> tuple[list, list]:
       w.writerows(rows)
 
   def section(name, fn, *args):
+    if name not in sections and name != "device":
+      return {}
     t = time.perf_counter()
     out = fn(c, rows, *args)
     print(f"benchmark: {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     write_rows()  # what is measured so far survives an interrupted run
     return out
 
-  peak = section("device", bench_device)
+  peak = section("device", bench_device) if "step" in sections else None
   section("compile", bench_compile)
   section("attention", bench_attention)
   section("step", bench_steps, peak)
   speedups = section("decode", bench_decode)
   chosen = section("auto", bench_auto)
-  deep = section("memory", bench_memory)  # last: its subprocesses would disturb the timings
+  deep = section("memory", bench_memory) or []  # last: its subprocesses disturb timings
+  if rows_from:
+    ran = {r for name in sections for r in ROW_SECTIONS.get(name, (name,))}
+    order = [r for name in SECTIONS for r in ROW_SECTIONS.get(name, (name,))]
+    rows = sorted(read_rows(rows_from, ran) + rows, key=lambda r: order.index(r[0]))
+    write_rows()
   target_rows = targets(c, rows, deep, chosen, speedups)
   bad = [r for r in rows if not np.isfinite(r[3])]
   if bad:
@@ -714,11 +740,16 @@ def run(c, workdir: str) -> tuple[list, list]:
 
 def main(argv):
   del argv
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  f = flags.FLAGS
+  run(f.config, f.workdir, tuple(f.sections), f.rows_from)
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "configs/benchmark.py:<preset>.")
   flags.DEFINE_string("workdir", None, "Where results.csv and results.md go.")
+  flags.DEFINE_list("sections", list(SECTIONS), "Sections to measure.")
+  flags.DEFINE_string(
+    "rows_from", "", "An earlier run's results.csv: rows of the sections not measured now."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
