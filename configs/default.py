@@ -83,6 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.diag_every = 100  # per-sub-layer grad/param RMS
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
+  t.task_eval_every = 0  # downstream tasks every N steps and at the end (0 = off)
+  t.tasks = "arith"  # keel_jax.tasks names, comma-separated, for task_eval_every
+  t.task_limit = 200  # examples scored per task (0 = all)
   t.sample_prompt = ""  # if set, print a sample continuing it after training
 
   c.mesh = ms = ml_collections.ConfigDict()

@@ -114,6 +114,8 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
   if t.grad_accum_steps < 1:
     raise ValueError(f"config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
   mesh, rules = mesh_and_rules(config, devices, check_batch=workdir is not None)
+  if workdir is not None:
+    task_list(config)  # a bad task name or an unprepared dataset fails before training
   dataset = data.make(config.data, seed=t.seed)
   if workdir is not None and dataset.num_train_windows < t.batch_size:  # rarely what was meant
     logging.warning(
@@ -141,6 +143,61 @@ def mesh_and_rules(config, devices=None, check_batch: bool = True):
       f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
     )
   return mesh, rules
+
+
+def task_list(config) -> list:
+  """The downstream tasks config.train.task_eval_every runs ([] when off), checked: names
+  known, TFDS data prepared (opened, not read), generation on one host only."""
+  t = config.train
+  every = t.get("task_eval_every", 0)
+  if every < 0:
+    raise ValueError(f"config.train.task_eval_every={every} must be >= 0 (0 disables)")
+  if t.get("task_limit", 0) < 0:
+    raise ValueError(f"config.train.task_limit={t.task_limit} must be >= 0 (0 = all examples)")
+  if not every:
+    return []
+  from keel_jax import tasks
+
+  try:
+    chosen = tasks.for_config(t.get("tasks", "arith"), config)
+  except ValueError as e:
+    raise ValueError(f"config.train.tasks: {e}") from None
+  for task in chosen:
+    task.docs(config.data.data_dir or None)
+    if isinstance(task, tasks.Generative) and jax.process_count() > 1:
+      raise ValueError(
+        f"config.train.tasks: {task.name!r} generates, which runs on one host only; drop it "
+        "from the training loop and score it afterwards with keel_jax.evaluate"
+      )
+  return chosen
+
+
+def task_eval(s: Setup, params, chosen: list) -> dict:
+  """Scores `chosen` tasks → {tasks/<name>/<metric>: value, tasks/average: ...}."""
+  from keel_jax import tasks
+
+  t = s.config.train
+  results = tasks.run_tasks(
+    s.model_cfg,
+    params,
+    s.dataset.tokenizer,
+    chosen,
+    limit=t.get("task_limit", 0) or None,
+    batch_size=t.batch_size,
+    seq_len=s.config.data.seq_len,
+    mesh=s.mesh,
+    rules=s.rules,
+    data_dir=s.config.data.data_dir or None,
+  )
+  row = {
+    f"tasks/{name}/{metric}": v["value"]
+    for name, r in results.items()
+    for metric, v in r.items()
+    if metric != "seconds"
+  }
+  if len(results) > 1:
+    row["tasks/average"] = tasks.average(results)
+  return row
 
 
 # ---------------------------------------------------------------- state and steps
@@ -377,6 +434,7 @@ def train(config, workdir: str) -> dict:
     )
 
   eval_batches = None
+  chosen_tasks = task_list(config)
   last: dict = {}
   # Throughput window; time spent in eval and checkpointing is excluded from tokens/s.
   window = {"loss": [], "t0": time.perf_counter(), "steps": 0, "excluded": 0.0}
@@ -447,6 +505,16 @@ def train(config, workdir: str) -> dict:
               f"{row['eval/bits_per_byte']:.3f} bits/byte",
               flush=True,
             )
+        every = t.get("task_eval_every", 0)
+        if chosen_tasks and (done % every == 0 or done == t.num_steps):
+          t_aside = time.perf_counter()
+          row = task_eval(s, state["params"], chosen_tasks)
+          writer.write(done, row)
+          last = {**last, **row}
+          window["excluded"] += time.perf_counter() - t_aside
+          if lead:
+            scores = ", ".join(f"{k[6:]} {v:.3f}" for k, v in row.items())
+            print(f"step {done}: {scores}", flush=True)
         if preempt.requested:
           ckpt.wait()
           if lead:
