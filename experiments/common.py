@@ -169,6 +169,14 @@ def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], di
     w = csv.DictWriter(f, columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
+  md = markdown_table(columns, rows, digits)
+  with open(path_stem + ".md", "w") as f:
+    f.write(md)
+  return md
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict], digits=4) -> str:
+  """rows as a Markdown table; floats to `digits` significant digits."""
 
   def cell(v):
     if isinstance(v, float):
@@ -177,10 +185,7 @@ def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], di
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-  md = "\n".join(lines) + "\n"
-  with open(path_stem + ".md", "w") as f:
-    f.write(md)
-  return md
+  return "\n".join(lines) + "\n"
 
 
 def pyplot():
