@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.d_ff = 0  # 0 → 3·d_model
   m.ffn = "swiglu"  # swiglu | gelu
   m.num_blocks = 8  # sub-layers = 2·num_blocks
-  m.residual = "keel"  # keel | pre_ln | post_ln | deepnorm | sandwich | mix_ln
+  m.residual = "keel"  # keel | pre_ln | post_ln | deepnorm | sandwich | mix_ln | hybridnorm
   m.keel_alpha = 0.0  # 0 → α = L = 2·num_blocks
   m.mix_ln_fraction = 0.25
   m.norm = "rmsnorm"  # rmsnorm | layernorm

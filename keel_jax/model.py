@@ -13,6 +13,7 @@ import functools
 import math
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -414,8 +415,13 @@ class LM(nn.Module):
   def __call__(self, tokens_BxT, positions_BxT=None, sublayer_mask=None):
     cfg = self.cfg
     param_dtype, dtype = DTYPES[cfg.param_dtype], DTYPES[cfg.dtype]
+    chex.assert_rank(tokens_BxT, 2)
+    chex.assert_type(tokens_BxT, int)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    chex.assert_equal_shape((tokens_BxT, positions_BxT))
+    if sublayer_mask is not None:
+      chex.assert_shape(sublayer_mask, (cfg.num_sublayers,))
     # The table is sharded on one mesh axis only: a gather from a table sharded on
     # two axes makes XLA rematerialize the whole table.
     embed_VxD = self.param(

@@ -62,6 +62,40 @@ def _check_writable(workdir: str) -> None:
     raise ValueError(f"workdir {workdir!r} is not writable (checked {path}); choose another")
 
 
+# Model settings that change only how the stack is computed and laid out in memory: a run may
+# resume with other values (parameters are stored the same way whatever they say).
+MEMORY_SETTINGS = ("scan_layers", "remat_policy", "remat_save_names", "nested_remat",
+                   "attention_impl")  # fmt: skip
+# Data settings that fix the vocabulary, hence the embedding's shape.
+VOCAB_SETTINGS = ("tokenizer", "spm_vocab_size", "spm_model")
+
+
+def check_resumable(workdir: str, config) -> None:
+  """Raises ValueError naming the fields that differ when workdir holds checkpoints of
+  another model (width, depth, scheme, vocabulary) than `config` describes."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  config_json = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_json) or not any(
+    name.isdigit() for name in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
+  ):
+    return
+  with open(config_json) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  fields = [("model", k) for k in new["model"] if k not in MEMORY_SETTINGS]
+  fields += [("data", k) for k in VOCAB_SETTINGS]
+  differ = [
+    f"{sec}.{k}: {old.get(sec, {}).get(k)!r} → {new[sec].get(k)!r}"
+    for sec, k in fields
+    if old.get(sec, {}).get(k) != new[sec].get(k)
+  ]
+  if differ:
+    raise ValueError(
+      f"workdir {workdir} holds checkpoints of another model ({'; '.join(differ)}, against "
+      f"{config_json}); use a new workdir or set those fields back"
+    )
+
+
 def setup(config, workdir: str | None, devices=None) -> Setup:
   """Validates the whole config and builds data, model config, mesh and optimizer.
 
@@ -282,6 +316,7 @@ def train(config, workdir: str) -> dict:
   """
   # ---- Validate everything first: a bad config writes nothing.
   s = setup(config, workdir)
+  check_resumable(workdir, config)
   t = config.train
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)

@@ -232,3 +232,49 @@ def test_config_json_round_trips(smoke_run):
     saved = json.load(f)
   assert saved["model"]["residual"] == "keel"
   assert saved["train"]["num_steps"] == 12
+
+
+@pytest.fixture(scope="module")
+def five_block_run(tmp_path_factory):
+  """Smoke run with 5 blocks, so that nested remat really splits Keel's 4-block segment."""
+  cfg = smoke.get_config()
+  cfg.model.num_blocks = 5
+  cfg.train.update(eval_every=0, diag_every=0)
+  workdir = str(tmp_path_factory.mktemp("five"))
+  train.train(cfg, workdir)
+  return cfg, workdir
+
+
+@pytest.mark.parametrize("settings", [{"nested_remat": True}, {"scan_layers": False}])
+def test_resume_with_other_memory_settings(five_block_run, tmp_path, settings):
+  """One checkpoint layout: a run resumes under nested remat or unrolled blocks, and its next
+  losses and final parameters equal the unchanged run's to float rounding."""
+  cfg, workdir = five_block_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  for step in ("12", "8"):
+    shutil.rmtree(os.path.join(resumed, "checkpoints", step))
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.update(settings)
+  train.train(cfg, resumed)
+  losses = lambda w: {r["step"]: r["train/loss"] for r in metrics.read(w) if "train/loss" in r}
+  want, got = losses(workdir), losses(resumed)
+  later = [s for s in want if s > 4]
+  assert later and all(s in got for s in later)
+  np.testing.assert_allclose([got[s] for s in later], [want[s] for s in later], rtol=1e-5)
+  (_, a), (_, b) = final_params(workdir), final_params(resumed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_another_model_names_the_fields(five_block_run, tmp_path):
+  cfg, workdir = five_block_run
+  other = str(tmp_path / "other")
+  shutil.copytree(workdir, other)
+  before = open(os.path.join(other, "config.json")).read()
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.update(d_model=64, residual="pre_ln")
+  with pytest.raises(ValueError, match=r"model.d_model: 32 → 64; model.residual: 'keel'"):
+    train.train(cfg, other)
+  assert open(os.path.join(other, "config.json")).read() == before
+  assert sorted(os.listdir(os.path.join(other, "checkpoints"))) == ["12", "4", "8"]
