@@ -75,21 +75,36 @@ def run_name(residual: str, num_blocks: int, lr: float | None = None) -> str:
 def train_run(config, run_dir: str) -> dict:
   """Trains `config` into run_dir (or reuses a finished identical run).
 
-  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint}.
-  A NaN/Inf step under config.train.nonfinite='stop' is a result here, not a failure.
+  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint (of the data),
+  provenance, code}: a finished run is reused when its config matches (experiments/cells) and
+  its code does (experiments/provenance): code = 'source' (same keel_jax/ sources) or
+  'behaviour' (older sources, same numbers). A NaN/Inf step under config.train.nonfinite='stop'
+  is a result here, not a failure.
   """
+  from experiments import cells, provenance
   from keel_jax import train
 
   done = os.path.join(run_dir, "result.json")
   config_json = config.to_json_best_effort(sort_keys=True)
+  # Fingerprints are cached beside runs/: each code version trains them once per scheme.
+  cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(run_dir))), "provenance")
+  now = lambda: provenance.current(config.model.residual, cache)
   if os.path.exists(done):
     with open(done) as f:
       result = json.load(f)
-    if result.get("config") == config_json:
-      _run_seconds.append(result["seconds"])
-      return result
-  if os.path.exists(run_dir):  # unfinished or different: start clean, never half-resume
+    stored = json.loads(result.get("config", "{}"))
+    if cells.same_config(stored, json.loads(config_json)):
+      prov = result.get("provenance")
+      code = "source" if prov and prov["source_hash"] == provenance.source_hash() else None
+      code = code or provenance.same_code(prov, now())
+      if code:  # made by this code, or by code whose numbers are the same
+        _run_seconds.append(result["seconds"])
+        return {**result, "code": code}
+    # Finished by another config or code: kept aside, never overwritten.
+    os.replace(run_dir, f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+  if os.path.exists(run_dir):  # unfinished: start clean, never half-resume
     shutil.rmtree(run_dir)
+  prov = now()
   t0 = time.perf_counter()
   status, error, final = "ok", "", {}
   try:
@@ -103,11 +118,12 @@ def train_run(config, run_dir: str) -> dict:
     "final": final,
     "fingerprint": read_json(os.path.join(run_dir, "data_fingerprint.json")),
     "config": config_json,
+    "provenance": prov,
   }
   with open(done, "w") as f:
     json.dump(result, f, indent=1)
   _run_seconds.append(result["seconds"])
-  return result
+  return {**result, "code": "source"}
 
 
 def annotate(run_dir: str, **values) -> dict:
@@ -126,6 +142,20 @@ def read_json(path: str):
 
 def finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def unigram_loss(config) -> float:
+  """Eval loss of the best context-free model: validation tokens scored by training-token
+  frequencies (add-one smoothed). A run near it has learned only token frequencies."""
+  import numpy as np
+
+  from keel_jax import data
+
+  ds = data.make(config.data)
+  vocab = ds.tokenizer.vocab_size
+  train = np.bincount(np.asarray(ds._train).ravel(), minlength=vocab) + 1.0
+  val = np.bincount(np.asarray(ds._val).ravel(), minlength=vocab)
+  return float(-(val * np.log(train / train.sum())).sum() / val.sum())
 
 
 # ---------------------------------------------------------------- where and how it ran

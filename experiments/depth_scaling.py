@@ -128,18 +128,6 @@ class Cell:
     return [r for r in self.grid + self.seeds if r.record is None]
 
 
-def unigram_loss(config) -> float:
-  """Eval loss of the best context-free model: validation tokens scored by training-token
-  frequencies (add-one smoothed). A run near it has learned only token frequencies."""
-  from keel_jax import data
-
-  ds = data.make(config.data)
-  vocab = ds.tokenizer.vocab_size
-  train = np.bincount(np.asarray(ds._train).ravel(), minlength=vocab) + 1.0
-  val = np.bincount(np.asarray(ds._val).ravel(), minlength=vocab)
-  return float(-(val * np.log(train / train.sum())).sum() / val.sum())
-
-
 def plan(config, found: Cells, unigram: float) -> list[Cell]:
   """Every (scheme, depth) cell with its runs so far, in training order (depth-major)."""
   step, seeds = config.log10_lr_step, list(config.seeds)
@@ -500,7 +488,7 @@ def run(config, workdir: str) -> dict:
   if config.cell:
     return train_cell(config, workdir, config.cell)
   env = common.environment()
-  unigram = unigram_loss(common.run_config(config))
+  unigram = common.unigram_loss(common.run_config(config))
   found = Cells(config, workdir)
   log = os.path.join(workdir, "cells.log")
   trained: set[str] = set()

@@ -16,8 +16,10 @@ import math
 import os
 import subprocess
 
+import keel_jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = os.path.join(ROOT, "keel_jax")
+PACKAGE = os.path.dirname(os.path.abspath(keel_jax.__file__))  # the copy that is imported
 FINGERPRINT_STEPS = 4
 # Relative tolerance on fingerprint values: absorbs a reordered float sum after a refactor,
 # far below what any change of model, init, optimizer or data does after a few steps.

@@ -263,6 +263,9 @@ def test_lr_sweep_ci(tmp_path, xla_cache):
   runs = {r["scheme"]: r for r in read_csv(d, "runs")}
   assert set(runs) == {"keel", "pre_ln"}
   assert math.isfinite(float(runs["keel"]["best_loss"])) and int(runs["keel"]["steps_run"]) > 0
+  assert all(r["seed"] == "0" and r["code"] == "source" for r in runs.values())
+  table = read_csv(d, "table")
+  assert all(r["4 why it stopped"] for r in table) and table[0]["paper 64"] == "0.0101"
   sens = read_csv(d, "window_sensitivity")
   assert [r["scheme"] for r in sens] == ["keel", "pre_ln"] and "window 5" in sens[0]
 
@@ -274,6 +277,10 @@ def test_grad_flow_ci(tmp_path, xla_cache):
   keel = [r for r in rows if r["scheme"] == "keel"]
   assert all(float(r["grad_norm"]) > 0 and float(r["act_rms"]) > 0 for r in keel)
   assert len(read_csv(d, "table")) == 4
+  wide = read_csv(d, "table_wide")  # init only, at the wide model's width
+  assert [(r["scheme"], r["stage"]) for r in wide] == [("keel", "init"), ("post_ln", "init")]
+  flows = {r[f"{k} flow"] for r in wide for k in ("attn", "ffn")}
+  assert flows <= {"vanishing", "flat", "growing"}
 
 
 def test_layer_redundancy_ci(tmp_path, xla_cache):
