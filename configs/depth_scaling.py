@@ -50,7 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_blocks = (1, 3)  # 2 and 6 sub-layers
     c.log10_lrs = (-2.5,)
     c.max_extend = 0
+    c.lr_follow_depth = False  # one LR at every depth
     c.seeds = (0, 1)
+    c.fail_margin = -100.0  # 20 steps do not beat a unigram model: never count as failed
     c.num_prompts = 20
     c.model.update(d_model=32, num_heads=2, num_kv_heads=1)
     c.data.seq_len = 32

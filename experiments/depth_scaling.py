@@ -239,7 +239,7 @@ def verdict(config, table: dict[tuple[str, int], Cell], depths) -> list[str]:
       k, p = table[("keel", d)], table[("pre_ln", d)]
       kl, pl = seed_values(k, "eval_loss"), seed_values(p, "eval_loss")
       if not kl or not pl:
-        parts.append(f"{d}: not finished")
+        parts.append(f"{d}: keel {k.state}, pre_ln {p.state}")
         continue
       gap = float(np.mean(pl) - np.mean(kl))
       _, pv = welch(pl, kl)

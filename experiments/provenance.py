@@ -26,14 +26,16 @@ FINGERPRINT_STEPS = 4
 FINGERPRINT_RTOL = 1e-4
 
 
+@functools.cache
 def git_commit() -> str:
-  """HEAD of the checkout that holds keel_jax/, '+dirty' if keel_jax/ has uncommitted edits."""
+  """HEAD of the checkout that holds keel_jax/, '+dirty' if keel_jax/ has uncommitted edits;
+  read once per process, like the sources it imported."""
   try:
     head = subprocess.run(
-      ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+      ["git", "rev-parse", "HEAD"], cwd=PACKAGE, capture_output=True, text=True, check=True
     ).stdout.strip()
     dirty = subprocess.run(
-      ["git", "status", "--porcelain", "--", "keel_jax"], cwd=ROOT, capture_output=True, text=True
+      ["git", "status", "--porcelain", "--", "."], cwd=PACKAGE, capture_output=True, text=True
     ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
