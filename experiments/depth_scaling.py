@@ -376,7 +376,10 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
     row = {"sub_layers": d}
     for s in config.schemes:
       c = table[(s, d)]
-      row[f"{s} loss"] = pm(*stats(seed_values(c, "eval_loss")))
+      chosen = [c.best] + c.seeds if c.best else []
+      # † marks a cell with runs made by other sources (same numbers) or unrecorded code.
+      older = any(r.record is not None and r.code != "source" for r in chosen)
+      row[f"{s} loss"] = pm(*stats(seed_values(c, "eval_loss"))) + (" †" if older else "")
       if config.data.name == "arith":
         row[f"{s} acc"] = pm(*stats(seed_values(c, "accuracy")), digits=3)
       row[f"{s} lr"] = common.fmt_lr(c.best.lr) if c.best else ""
@@ -406,10 +409,12 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
   plot(config, table, depths, os.path.join(out_dir, "depth_vs_metric.png"))
   lines = verdict(config, table, depths)
   notes = "\n".join(f"* {c.scheme} at {c.sub_layers}: {c.state}. {c.note}" for c in cell_list)
-  older = sum(r["code"] in ("behaviour", "stale") for r in rows)
+  older = sum(r["code"] != "source" for r in rows)
   stale_note = (
-    f"\n\n{older} run(s) were made by older source with the same numerics (column `code` = "
-    "`behaviour`: source hash differs, behavioural fingerprint matches)."
+    f"\n\n{older} run(s) were not made by this source (column `code`): `behaviour` = older "
+    "source, same numbers (the behavioural fingerprint matches); `unrecorded` = trained "
+    "elsewhere with the plain commands; `stale` = other numbers, reused with reuse_stale. † in "
+    "the table marks the cells that hold them."
     if older
     else ""
   )

@@ -146,6 +146,6 @@ def test_provenance_reuses_by_source_or_behaviour_only():
 def test_cell_config_is_what_the_sweep_trains():
   c = cfg_module.get_config("cpu,pre_ln,128,0.00316,2")
   assert (c.model.residual, c.model.num_blocks) == ("pre_ln", 64)
-  assert (c.train.learning_rate, c.train.seed, c.data.name) == (0.00316, 2, "arith")
+  assert (c.train.learning_rate, c.train.seed, c.data.name) == (0.00316, 2, "pycode")
   with pytest.raises(ValueError, match="even"):
     cfg_module.get_config("cpu,keel,3,0.001,0")
