@@ -53,6 +53,10 @@ def train_scheme(config, workdir: str, scheme: str, seed: int = 0) -> dict:
   )
   name = common.run_name(scheme, config.num_blocks) + (f"_seed{seed}" if seed else "")
   run_dir = os.path.join(workdir, common.RUNS, name)
+  from experiments import provenance
+
+  # The run's behavioural fingerprint compiles a tiny model: do it before timing compiles.
+  provenance.current(scheme, os.path.join(workdir, "provenance"))
   with CompileTimer() as timer:
     res = common.train_run(cfg, run_dir)
   rows = metrics.read(run_dir)
@@ -99,7 +103,7 @@ def verdict(config, rows: list[dict], rss_mb: float, unigram: float) -> list[str
       f"{r['scheme']} at {r['sub_layers']} sub-layers, seed {r['seed']}: "
       + (
         f"{r['steps']} steps, train loss {r['first_loss']:.3f} → {r['final_train_loss']:.3f}, "
-        f"eval {r['eval_loss']:.4f} = unigram − {gain:.3f}: "
+        f"eval {r['eval_loss']:.4f}, {gain:+.3f} nats below unigram: "
         + ("TRAINS." if gain > config.min_gain else "does NOT learn beyond token frequencies.")
         if ok
         else f"did NOT train ({r['status']})."
