@@ -457,7 +457,9 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
       (
         "Missing",
         (missing_md if missing else "Nothing: every cell has finished.")
-        + f"\n\nCells live under `{root}`.",
+        + "\n\nOnly runs whose LR is already known are listed: a `waiting` cell gets its grid "
+        "when the shallower depth's LR is chosen. Running this experiment's command again trains "
+        f"them (finished cells are skipped). Cells live under `{root}`.",
       ),
     ],
     lines,
