@@ -121,7 +121,7 @@ class Cell:
   grid: list[Run]
   seeds: list[Run]
   best: Run | None = None
-  state: str = "pending"  # pending | done | failed | skipped
+  state: str = "pending"  # pending | done | failed | skipped | waiting (for a shallower LR)
   note: str = ""
 
   def missing(self) -> list[Run]:
