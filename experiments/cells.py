@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 
 from experiments import common, provenance
+from keel_jax import paths
 
 CELLS = "cells"  # <root>/cells/<name>/: one workdir per cell
 # Config fields that change no trained number: a run that differs only in these is reused.
@@ -36,7 +36,7 @@ NOT_NUMERIC = {
 
 
 def cell_dir(root: str, name: str) -> str:
-  return os.path.join(root, CELLS, name)
+  return paths.join(root, CELLS, name)
 
 
 def flat(config_dict: dict, prefix: str = "") -> dict:
@@ -62,15 +62,15 @@ def same_config(stored: dict, wanted: dict) -> bool:
 def read(root: str, name: str) -> dict | None:
   """The cell's record if it finished (cell.json, or a bare keel_jax.main + evaluate workdir)."""
   d = cell_dir(root, name)
-  path = os.path.join(d, "cell.json")
-  if os.path.exists(path):
+  path = paths.join(d, "cell.json")
+  if paths.exists(path):
     return common.read_json(path)
-  cfg_path = os.path.join(d, "config.json")
-  if not os.path.exists(cfg_path):
+  cfg_path = paths.join(d, "config.json")
+  if not paths.exists(cfg_path):
     return None
   config = common.read_json(cfg_path)
-  report = os.path.join(d, f"eval_step_{config['train']['num_steps']}.json")
-  if not os.path.exists(report):
+  report = paths.join(d, f"eval_step_{config['train']['num_steps']}.json")
+  if not paths.exists(report):
     return None
   # Trained elsewhere with the plain commands: no wall time or provenance was recorded.
   return {"status": "ok", "config": config, "eval": common.read_json(report), "seconds": None}
@@ -98,10 +98,11 @@ def train(config, root: str, name: str, num_prompts: int, fingerprint_dir: str) 
   from keel_jax import train as trainer
 
   d = cell_dir(root, name)
-  if os.path.exists(os.path.join(d, "cell.json")):  # finished by other config or code: keep it
+  finished = paths.exists(paths.join(d, "cell.json"))
+  if finished and not paths.is_remote(d):  # made by other config or code: kept aside
     os.replace(d, f"{d}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-  elif os.path.exists(d):  # unfinished: start clean, never half-resume
-    shutil.rmtree(d)
+  elif paths.exists(d):  # unfinished (or a bucket's stale cell): start clean
+    paths.rmtree(d)
   now = provenance.current(config.model.residual, fingerprint_dir)
   t0, load = time.perf_counter(), os.getloadavg()[0]
   status, error, report = "ok", "", {}
@@ -120,7 +121,7 @@ def train(config, root: str, name: str, num_prompts: int, fingerprint_dir: str) 
     "config": config.to_dict(),
     "provenance": now,
   }
-  _write_json(os.path.join(d, "cell.json"), record)
+  paths.write_json(paths.join(d, "cell.json"), record, indent=1)
   return record
 
 
@@ -130,9 +131,3 @@ def train_in_subprocess(experiment: str, config_args, root: str, cell: str, log)
   cmd = [sys.executable, "-m", f"experiments.{experiment}", *config_args,
          f"--workdir={root}", f"--config.cell={cell}"]  # fmt: skip
   return subprocess.run(cmd, cwd=provenance.ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-
-
-def _write_json(path: str, obj) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)

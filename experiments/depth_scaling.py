@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from experiments import cells, common, provenance
+from keel_jax import paths
 
 PAPER = (
   "Table 3 (arXiv 2601.19895): at equal data, Keel beats Pre-LN at every depth on the average "
@@ -421,11 +422,11 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
   finished = sum(c.state in ("done", "failed", "skipped") for c in cell_list)
   fingerprint = None
   for r in rows:  # every run trains on the same data; show the first one's fingerprint
-    path = os.path.join(
+    path = paths.join(
       cells.cell_dir(root, cell_name(r["scheme"], r["sub_layers"], r["lr"], r["seed"])),
       "data_fingerprint.json",
     )
-    if os.path.exists(path):
+    if paths.exists(path):
       fingerprint = common.read_json(path)
       break
   common.write_readme(
@@ -522,7 +523,7 @@ def run(config, workdir: str) -> dict:
     print(f"[depth_scaling] {name} done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
   out_dir = config.get("results_dir") or workdir
   res = aggregate(config, workdir, out_dir, cell_list, unigram, env)
-  print(open(os.path.join(out_dir, "table.md")).read(), flush=True)
+  print(paths.read_text(paths.join(out_dir, "table.md")), flush=True)
   print("\n".join(res["verdict"]), flush=True)
   return res
 

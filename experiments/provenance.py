@@ -101,19 +101,18 @@ def fingerprint_hash(values) -> str:
 def current(scheme: str, cache_dir: str | None = None) -> dict:
   """This checkout's provenance for runs of `scheme`; the fingerprint is cached in cache_dir
   per (source hash, scheme), so each code version pays for it once."""
+  from keel_jax import paths
+
   src = source_hash()
   values = None
-  path = os.path.join(cache_dir, f"fingerprint_{src}_{scheme}.json") if cache_dir else None
-  if path and os.path.exists(path):
-    with open(path) as f:
-      values = tuple(json.load(f))
+  path = paths.join(cache_dir, f"fingerprint_{src}_{scheme}.json") if cache_dir else None
+  if path and paths.exists(path):
+    values = tuple(paths.read_json(path))
   if values is None:
     values = behaviour(scheme)
     if path:
-      os.makedirs(cache_dir, exist_ok=True)
-      with open(path + ".tmp", "w") as f:
-        json.dump(list(values), f)
-      os.replace(path + ".tmp", path)
+      paths.makedirs(cache_dir)
+      paths.write_json(path, list(values))
   return {
     "commit": git_commit(),
     "source_hash": src,

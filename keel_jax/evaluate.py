@@ -1,14 +1,15 @@
-"""Score a checkpoint: python -m keel_jax.evaluate --workdir=<dir> [--step=N].
+"""Score a checkpoint: python -m keel_jax.evaluate --workdir=<dir> [--step=N] [--tasks=...].
 
-Eval loss, perplexity and bits per byte on the validation split (the trainer's eval: same
-step function, same batches) and, for the `arith` data, exact-match accuracy of greedy
-answers; writes <workdir>/eval_step_<N>.json and prints a summary.
+Without --tasks: eval loss, perplexity and bits per byte on the validation split (the trainer's
+eval: same step function, same batches) and, for the `arith` data, exact-match accuracy of
+greedy answers; writes <workdir>/eval_step_<N>.json and prints a summary.
+
+With --tasks=arith,piqa,...: downstream tasks (`keel_jax.tasks`), --limit examples each;
+prints a Markdown table and writes <workdir>/eval/tasks_<N>.json.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import flax.linen as nn
@@ -41,7 +42,7 @@ def exact_match_accuracy(run, num_prompts: int) -> float:
 
 def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) -> dict:
   """Scores the checkpoint at `step` (default: latest) and writes its JSON report."""
-  from keel_jax import restore, sharding, train
+  from keel_jax import paths, restore, sharding, train
 
   if num_prompts < 1:
     raise ValueError(f"num_prompts={num_prompts} must be >= 1")
@@ -61,10 +62,49 @@ def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) 
     report["eval/exact_match"] = exact_match_accuracy(run, num_prompts)
     report["exact_match_prompts"] = num_prompts
   report["data_fingerprint"] = s.dataset.fingerprint
-  path = os.path.join(workdir, f"eval_step_{run.step}.json")
-  with open(path + ".tmp", "w") as f:  # a reader never sees half a report
-    json.dump(report, f, indent=2)
-  os.replace(path + ".tmp", path)
+  path = paths.join(workdir, f"eval_step_{run.step}.json")
+  paths.write_json(path, report, indent=2)  # atomic: a reader never sees half a report
+  return {**report, "path": path}
+
+
+def evaluate_tasks(
+  workdir: str,
+  names: str,
+  step: int | None = None,
+  limit: int | None = None,
+  batch_size: int = 32,
+  data_dir: str | None = None,
+) -> dict:
+  """Scores downstream tasks on the checkpoint at `step` (default: latest) and writes
+  <workdir>/eval/tasks_<step>.json (process 0)."""
+  from keel_jax import paths, restore, tasks
+
+  run_config = restore.load_config(workdir)
+  chosen = tasks.for_config(names, run_config)  # unknown names fail before the restore
+  run = restore.load(workdir, step)
+  s = run.setup
+  results = tasks.run_tasks(
+    s.model_cfg,
+    run.params,
+    s.dataset.tokenizer,
+    chosen,
+    limit=limit,
+    batch_size=batch_size,
+    seq_len=s.config.data.seq_len,
+    mesh=s.mesh,
+    rules=s.rules,
+    data_dir=data_dir if data_dir is not None else s.config.data.data_dir,
+  )
+  report = {
+    "step": run.step,
+    "tasks": list(results),
+    "limit": limit,
+    "average": tasks.average(results),
+    "results": results,
+  }
+  path = paths.join(workdir, "eval", f"tasks_{run.step}.json")
+  if jax.process_index() == 0:
+    paths.write_json(path, report, indent=2)  # atomic; local or gs://
   return {**report, "path": path}
 
 
@@ -79,6 +119,10 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A training workdir (with config.json and checkpoints).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_integer("num_prompts", 200, "arith: validation problems scored for exact match.")
+  flags.DEFINE_string("tasks", None, "Downstream tasks, comma-separated (e.g. arith,piqa).")
+  flags.DEFINE_integer("limit", None, "--tasks: score the first N examples of each task.")
+  flags.DEFINE_integer("batch_size", 32, "--tasks: rows per forward pass.")
+  flags.DEFINE_string("data_dir", None, "--tasks: TFDS data_dir (default: config.data.data_dir).")
 
 
 def main(argv):
@@ -89,9 +133,21 @@ def main(argv):
   try:
     if not FLAGS.workdir:
       raise ValueError("--workdir is required (a directory written by keel_jax.main)")
-    report = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.num_prompts)
+    if FLAGS.tasks is not None:
+      report = evaluate_tasks(
+        FLAGS.workdir, FLAGS.tasks, FLAGS.step, FLAGS.limit, FLAGS.batch_size, FLAGS.data_dir
+      )
+    else:
+      report = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.num_prompts)
   except (OSError, ValueError, checkpoint.CheckpointError) as e:  # OSError: e.g. no report
     sys.exit(f"error: {e}")
+  if FLAGS.tasks is not None:
+    from keel_jax import tasks
+
+    print(f"step {report['step']} of {FLAGS.workdir}")
+    print(tasks.markdown_table(report["results"]))
+    print(f"report: {report['path']}")
+    return
   print(f"step {report['step']} of {FLAGS.workdir}")
   for key, value in report.items():
     if key.startswith("eval/"):

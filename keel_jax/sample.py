@@ -166,6 +166,7 @@ def generate_with_stats(
   seed: int = 0,
   eos_id: int | None = None,
   pad_id: int = 0,
+  pad_to: int = 0,
 ) -> tuple[list[list[int]], Stats]:
   """`generate`, and the time spent compiling, prefilling and decoding."""
   check_settings(max_new_tokens, temperature, top_k, top_p)
@@ -176,7 +177,8 @@ def generate_with_stats(
   if any(not 0 <= i < vocab for p in prompts for i in p):
     raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
-  b, p = len(prompts), max(len(x) for x in prompts)
+  # Padding every call to one prompt length (pad_to) lets batches of any prompts share a compile.
+  b, p = len(prompts), max(pad_to, *(len(x) for x in prompts))
   tokens = np.full((b, p), pad_id, np.int32)
   positions = np.full((b, p), PAD_POS, np.int32)
   for i, x in enumerate(prompts):
@@ -220,7 +222,8 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens:
   """`max_new_tokens` new ids per prompt, cut before the first eos_id.
 
   Keywords: vocab (required: the tokenizer's size; larger ids are never emitted),
-  temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, eos_id, pad_id.
+  temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, eos_id, pad_id, pad_to
+  (left-pad prompts to at least this length: one compile for batches of different prompts).
   """
   return generate_with_stats(cfg, params, prompts, max_new_tokens, **kwargs)[0]
 
@@ -248,8 +251,9 @@ def _read_prompts() -> list[str]:
   if not FLAGS.prompts_file:
     return [FLAGS.prompt]
   try:
-    with open(FLAGS.prompts_file) as f:
-      texts = [line.rstrip("\n") for line in f if line.strip()]
+    from keel_jax import paths
+
+    texts = [line for line in paths.read_text(FLAGS.prompts_file).split("\n") if line.strip()]
   except OSError as e:
     raise ValueError(f"cannot read --prompts_file: {e}") from e
   if not texts:

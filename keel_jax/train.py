@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -18,7 +17,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from keel_jax import checkpoint, data, flops, loss, metrics, optimizer, sharding
+from keel_jax import checkpoint, data, flops, loss, metrics, optimizer, paths, sharding
 from keel_jax.model import LM, ModelConfig, sublayer_norms
 
 
@@ -54,14 +53,6 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   return ModelConfig.from_dict(d)
 
 
-def _check_writable(workdir: str) -> None:
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-    raise ValueError(f"workdir {workdir!r} is not writable (checked {path}); choose another")
-
-
 # Model settings that change only how the stack is computed and laid out in memory: a run may
 # resume with other values (parameters are stored the same way whatever they say).
 MEMORY_SETTINGS = ("scan_layers", "remat_policy", "remat_save_names", "nested_remat",
@@ -73,14 +64,11 @@ VOCAB_SETTINGS = ("tokenizer", "spm_vocab_size", "spm_model")
 def check_resumable(workdir: str, config) -> None:
   """Raises ValueError naming the fields that differ when workdir holds checkpoints of
   another model (width, depth, scheme, vocabulary) than `config` describes."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  config_json = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_json) or not any(
-    name.isdigit() for name in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
-  ):
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  config_json = paths.join(workdir, "config.json")
+  if not paths.exists(config_json) or not any(name.isdigit() for name in paths.listdir(ckpt_dir)):
     return
-  with open(config_json) as f:
-    old = json.load(f)
+  old = paths.read_json(config_json)
   new = json.loads(config.to_json_best_effort())
   fields = [("model", k) for k in new["model"] if k not in MEMORY_SETTINGS]
   fields += [("data", k) for k in VOCAB_SETTINGS]
@@ -104,7 +92,7 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
   """
   t = config.train
   if workdir is not None:
-    _check_writable(workdir)
+    paths.check_writable(workdir)
   optimizer.validate(t)
   for name in ("log_every", "eval_every", "checkpoint_every", "diag_every"):
     if t[name] < 0:
@@ -114,6 +102,8 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
   if t.grad_accum_steps < 1:
     raise ValueError(f"config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
   mesh, rules = mesh_and_rules(config, devices, check_batch=workdir is not None)
+  if workdir is not None:
+    task_list(config)  # a bad task name or an unprepared dataset fails before training
   dataset = data.make(config.data, seed=t.seed)
   if workdir is not None and dataset.num_train_windows < t.batch_size:  # rarely what was meant
     logging.warning(
@@ -141,6 +131,61 @@ def mesh_and_rules(config, devices=None, check_batch: bool = True):
       f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
     )
   return mesh, rules
+
+
+def task_list(config) -> list:
+  """The downstream tasks config.train.task_eval_every runs ([] when off), checked: names
+  known, TFDS data prepared (opened, not read), generation on one host only."""
+  t = config.train
+  every = t.get("task_eval_every", 0)
+  if every < 0:
+    raise ValueError(f"config.train.task_eval_every={every} must be >= 0 (0 disables)")
+  if t.get("task_limit", 0) < 0:
+    raise ValueError(f"config.train.task_limit={t.task_limit} must be >= 0 (0 = all examples)")
+  if not every:
+    return []
+  from keel_jax import tasks
+
+  try:
+    chosen = tasks.for_config(t.get("tasks", "arith"), config)
+  except ValueError as e:
+    raise ValueError(f"config.train.tasks: {e}") from None
+  for task in chosen:
+    task.docs(config.data.data_dir or None)
+    if isinstance(task, tasks.Generative) and jax.process_count() > 1:
+      raise ValueError(
+        f"config.train.tasks: {task.name!r} generates, which runs on one host only; drop it "
+        "from the training loop and score it afterwards with keel_jax.evaluate"
+      )
+  return chosen
+
+
+def task_eval(s: Setup, params, chosen: list) -> dict:
+  """Scores `chosen` tasks → {tasks/<name>/<metric>: value, tasks/average: ...}."""
+  from keel_jax import tasks
+
+  t = s.config.train
+  results = tasks.run_tasks(
+    s.model_cfg,
+    params,
+    s.dataset.tokenizer,
+    chosen,
+    limit=t.get("task_limit", 0) or None,
+    batch_size=t.batch_size,
+    seq_len=s.config.data.seq_len,
+    mesh=s.mesh,
+    rules=s.rules,
+    data_dir=s.config.data.data_dir or None,
+  )
+  row = {
+    f"tasks/{name}/{metric}": v["value"]
+    for name, r in results.items()
+    for metric, v in r.items()
+    if metric != "seconds"
+  }
+  if len(results) > 1:
+    row["tasks/average"] = tasks.average(results)
+  return row
 
 
 # ---------------------------------------------------------------- state and steps
@@ -319,18 +364,16 @@ def train(config, workdir: str) -> dict:
   check_resumable(workdir, config)
   t = config.train
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "data_fingerprint.json"), "w") as f:
-      json.dump(s.dataset.fingerprint, f, indent=2)
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    paths.write_json(paths.join(workdir, "data_fingerprint.json"), s.dataset.fingerprint, indent=2)
 
   # ---- Sharded state: created directly on the mesh, or restored onto it.
   abstract, shardings, init_fn = abstract_state(s)
   batch_sharding = sharding.batch_sharding(s.mesh, s.rules)
   block = host_block(batch_sharding, t.batch_size, config.data.seq_len)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(paths.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     if ckpt.latest_step() is not None:
       state, start = ckpt.restore(abstract)
@@ -371,6 +414,7 @@ def train(config, workdir: str) -> dict:
     )
 
   eval_batches = None
+  chosen_tasks = task_list(config)
   last: dict = {}
   # Throughput window; time spent in eval and checkpointing is excluded from tokens/s.
   window = {"loss": [], "t0": time.perf_counter(), "steps": 0, "excluded": 0.0}
@@ -441,6 +485,16 @@ def train(config, workdir: str) -> dict:
               f"{row['eval/bits_per_byte']:.3f} bits/byte",
               flush=True,
             )
+        every = t.get("task_eval_every", 0)
+        if chosen_tasks and (done % every == 0 or done == t.num_steps):
+          t_aside = time.perf_counter()
+          row = task_eval(s, state["params"], chosen_tasks)
+          writer.write(done, row)
+          last = {**last, **row}
+          window["excluded"] += time.perf_counter() - t_aside
+          if lead:
+            scores = ", ".join(f"{k[6:]} {v:.3f}" for k, v in row.items())
+            print(f"step {done}: {scores}", flush=True)
         if preempt.requested:
           ckpt.wait()
           if lead:
@@ -451,10 +505,13 @@ def train(config, workdir: str) -> dict:
       if pending is not None:
         fetch(*pending)
       ckpt.wait()
+    except BaseException:
+      writer.abandon()
+      raise
     finally:
       ckpt.close()
       writer.close()
-  if lead and os.path.exists(writer.path):
+  if lead and paths.exists(writer.path):
     path = metrics.plot_loss(workdir)
     print(f"loss curve: {path}", flush=True)
   if lead and t.sample_prompt and not preempt.requested:

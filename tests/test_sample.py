@@ -173,6 +173,15 @@ def test_greedy_is_argmax_of_full_forward_on_its_own_output(seed):
     assert np.argmax(logits[i, n - 1 : n - 1 + N], axis=-1).tolist() == outs[i], i
 
 
+def test_pad_to_changes_only_the_compiled_shape():
+  """Extra left padding (pad_to, which lets task batches share a compile) is hidden by PAD_POS."""
+  cfg = make_cfg()
+  prompts = [random_sequences()[0, :7].tolist(), random_sequences()[1, :2].tolist()]
+  kw = dict(vocab=VOCAB, temperature=0.0)
+  want = sample.generate(cfg, random_params(cfg), prompts, N, **kw)
+  assert sample.generate(cfg, random_params(cfg), prompts, N, pad_to=P + 6, **kw) == want
+
+
 def test_greedy_is_deterministic_and_top_k_1_or_tiny_top_p_equal_greedy():
   prompts = prompts_of(random_sequences(seed=2))
   assert KEEL.remat_policy == "full"  # generate drops remat for its own copy only
@@ -321,6 +330,8 @@ def workdir(tmp_path_factory):
     f"--workdir={path}",
     "--config.data.name=arith",
     "--config.data.arith_num_problems=3000",
+    "--config.train.task_eval_every=6",  # the training loop's downstream-task hook
+    "--config.train.task_limit=8",
   )
   assert r.returncode == 0, r.stderr[-3000:]
   return path
@@ -384,6 +395,22 @@ def test_evaluate_cli_writes_report(workdir):
   assert round(24 * report["eval/exact_match"], 6) in range(25)
 
 
+def test_evaluate_tasks_cli_matches_the_training_loop(workdir):
+  r = cli("evaluate", f"--workdir={workdir}", "--tasks=arith", "--limit=8", "--batch_size=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  path = os.path.join(workdir, "eval", "tasks_12.json")
+  assert f"report: {path}" in r.stdout
+  with open(path) as f:
+    report = json.load(f)
+  row = report["results"]["arith"]["exact_match"]
+  assert report["step"] == 12 and report["tasks"] == ["arith"] and row["n"] == 8
+  assert f"| arith | exact_match | {row['value']:.4f} |" in r.stdout
+  # The trainer scored the same problems with the same parameters at step 12 (and at step 6).
+  logged = [m for m in metrics.read(workdir) if "tasks/arith/exact_match" in m]
+  assert [m["step"] for m in logged] == [6, 12]
+  assert logged[-1]["tasks/arith/exact_match"] == row["value"]
+
+
 def test_exact_match_scores_the_answer_up_to_eos(smoke_run, monkeypatch):
   tok = smoke_run.setup.dataset.tokenizer
   problems = smoke_run.setup.dataset.eval_prompts(8)
@@ -410,6 +437,16 @@ def test_exact_match_scores_the_answer_up_to_eos(smoke_run, monkeypatch):
     ("evaluate", ["--workdir={workdir}", "--step=999"], "error: no checkpoint for step 999"),
     ("sample", ["--workdir={workdir}", "--top_p=1.5"], "error: top_p=1.5 must be in (0, 1]"),
     ("sample", ["--workdir={workdir}", "--prompts_file={tmp}/none"], "error: cannot read"),
+    (
+      "evaluate",
+      ["--workdir={workdir}", "--tasks=arith,nope"],
+      "error: unknown task 'nope'; known tasks: arith, arc_easy",
+    ),
+    (
+      "evaluate",
+      ["--workdir={workdir}", "--tasks=piqa", "--data_dir={tmp}/tfds"],
+      "error: TFDS dataset 'piqa' is not prepared",
+    ),
   ],
 )
 def test_cli_errors_are_one_line(module, args, message, workdir, tmp_path):
