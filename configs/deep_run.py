@@ -49,5 +49,6 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       num_steps=60_000, batch_size=1024, grad_accum_steps=4, learning_rate=4.5e-3,
       warmup_steps=2_500, log_every=50, eval_every=2_000, eval_batches=16, checkpoint_every=1_000,
     )  # fmt: skip
+    c.train.update(task_eval_every=c.train.num_steps, tasks=common.PAPER_TASKS, task_limit=0)
     c.mesh.shape = (1, -1, 1)
   return c

@@ -87,6 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=1_000,
       keep_checkpoints=2,
     )
+    # The downstream suite at the end of each run: its average is the table's accuracy column.
+    c.train.update(task_eval_every=c.train.num_steps, tasks=common.PAPER_TASKS, task_limit=0)
     c.mesh.shape = (1, -1, 1)  # FSDP over the whole slice
   if cell:
     return cell_config(c, *cell)

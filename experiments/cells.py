@@ -19,7 +19,7 @@ import sys
 import time
 
 from experiments import common, provenance
-from keel_jax import paths
+from keel_jax import metrics, paths
 
 CELLS = "cells"  # <root>/cells/<name>/: one workdir per cell
 # Config fields that change no trained number: a run that differs only in these is reused.
@@ -73,7 +73,14 @@ def read(root: str, name: str) -> dict | None:
   if not paths.exists(report):
     return None
   # Trained elsewhere with the plain commands: no wall time or provenance was recorded.
-  return {"status": "ok", "config": config, "eval": common.read_json(report), "seconds": None}
+  scores = {**common.read_json(report), **task_scores(d)}
+  return {"status": "ok", "config": config, "eval": scores, "seconds": None}
+
+
+def task_scores(d: str) -> dict:
+  """The last downstream-task scores the run logged (config.train.task_eval_every), if any."""
+  rows = [r for r in metrics.read(d) if "tasks/average" in r]
+  return {k: v for k, v in rows[-1].items() if k.startswith("tasks/")} if rows else {}
 
 
 def reusable(record: dict | None, config, now: dict) -> str | None:
@@ -117,7 +124,7 @@ def train(config, root: str, name: str, num_prompts: int, fingerprint_dir: str) 
     "error": error,
     "seconds": time.perf_counter() - t0,
     "load_average_at_start": load,
-    "eval": {k: v for k, v in report.items() if k.startswith("eval/")},
+    "eval": {**{k: v for k, v in report.items() if k.startswith("eval/")}, **task_scores(d)},
     "config": config.to_dict(),
     "provenance": now,
   }

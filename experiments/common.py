@@ -44,6 +44,11 @@ def run_config(exp, *, model: dict | None = None, train: dict | None = None):
   return c
 
 
+# Downstream suite the `paper` sizes score at the end of each run (keel_jax.tasks names). The paper
+# averages 14 benchmarks (arXiv 2601.19895, Table 3); these are the multiple-choice ones available
+# in TFDS, which score on every host of a pod slice (generative tasks run on one host only).
+PAPER_TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,openbookqa,boolq"
+
 SIZES = ("ci", "cpu", "paper")  # every experiment's sizes: tests, committed results, TPU pods
 
 

@@ -76,9 +76,18 @@ class Run:
 
   @property
   def accuracy(self) -> float:
+    """arith exact match, or the downstream suite's average where the run scored it."""
     if not self.record or self.record["status"] != "ok":
       return math.nan
-    return self.record["eval"].get("eval/exact_match", math.nan)
+    scores = self.record["eval"]
+    return scores.get("eval/exact_match", scores.get("tasks/average", math.nan))
+
+
+def accuracy_label(config) -> str | None:
+  """What the accuracy column holds under `config`, or None when it has none."""
+  if config.train.get("task_eval_every", 0) > 0:
+    return f"downstream average ({config.train.tasks})"
+  return "arith exact match" if config.data.name == "arith" else None
 
 
 class Cells:
@@ -337,8 +346,8 @@ RUN_COLUMNS = [
 def plot(config, table, depths, path: str) -> str:
   plt = common.pyplot()
   metrics = [("eval_loss", "eval loss (nats/token)")]
-  if config.data.name == "arith":
-    metrics.append(("accuracy", "arith exact match"))
+  if accuracy_label(config):
+    metrics.append(("accuracy", accuracy_label(config)))
   fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics) + 1, 4), squeeze=False)
   axes = axes[0]
   for s in config.schemes:
@@ -381,7 +390,7 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
       # † marks a cell with runs made by other sources (same numbers) or unrecorded code.
       older = any(r.record is not None and r.code != "source" for r in chosen)
       row[f"{s} loss"] = pm(*stats(seed_values(c, "eval_loss"))) + (" †" if older else "")
-      if config.data.name == "arith":
+      if accuracy_label(config):
         row[f"{s} acc"] = pm(*stats(seed_values(c, "accuracy")), digits=3)
       row[f"{s} lr"] = common.fmt_lr(c.best.lr) if c.best else ""
       row[f"{s} state"] = c.state
@@ -445,6 +454,8 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
           f"; `acc` = exact match of greedy answers to {config.num_prompts} validation problems "
           f"(arith_steps={config.data.arith_steps}; chance ≈ 0.1)"
           if config.data.name == "arith"
+          else f"; `acc` = {accuracy_label(config)}"
+          if accuracy_label(config)
           else ""
         )
         + f". Unigram loss of this data: {unigram:.4f}. Paper columns: arXiv 2601.19895 Table 3, "

@@ -149,3 +149,22 @@ def test_cell_config_is_what_the_sweep_trains():
   assert (c.train.learning_rate, c.train.seed, c.data.name) == (0.00316, 2, "pycode")
   with pytest.raises(ValueError, match="even"):
     cfg_module.get_config("cpu,keel,3,0.001,0")
+
+
+def test_paper_cells_score_the_downstream_suite(tmp_path):
+  """`paper` cells run the task suite at the end of training; a cell's accuracy is its average."""
+  paper = cfg_module.get_config("paper")
+  assert paper.train.task_eval_every == paper.train.num_steps and paper.train.task_limit == 0
+  assert ds.accuracy_label(paper).startswith("downstream average (arc_easy,")
+  assert ds.accuracy_label(cfg_module.get_config("cpu")) is None
+  # A cell trained on a pod with the plain commands: config.json, the eval report, metrics.
+  d = tmp_path / cells.CELLS / "keel_L64"
+  d.mkdir(parents=True)
+  (d / "config.json").write_text(json.dumps({"train": {"num_steps": 3}}))
+  (d / "eval_step_3.json").write_text(json.dumps({"eval/loss": 2.5}))
+  rows = [{"step": 2, "train/loss": 3.0}, {"step": 3, "tasks/average": 0.4, "tasks/piqa/acc": 0.6}]
+  (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  record = cells.read(str(tmp_path), "keel_L64")
+  assert record["eval"] == {"eval/loss": 2.5, "tasks/average": 0.4, "tasks/piqa/acc": 0.6}
+  run = ds.Run("keel", 64, 1e-3, 0, record)
+  assert run.accuracy == 0.4 and run.eval_loss == 2.5
