@@ -1,6 +1,6 @@
 # One-command set-up: every target creates .venv and installs what it needs.
 # The tpu extra (libtpu, ~700 MB) is installed too: the tests AOT-compile for TPU pods on CPU;
-# so is prose (the kjv corpus, 2 MB), so its tests run.
+# so is prose (the kjv corpus, 2 MB), so its tests run, and gcs (gcsfs: gs:// paths).
 # JAX_PLATFORMS=cpu keeps JAX on the CPU and libtpu quiet when no TPU is attached.
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +15,7 @@ DEMO_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,notebooks,tpu,prose]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,notebooks,tpu,prose,gcs]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -47,8 +47,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.train_split = "train"  # TFDS: training split (slices like 'train[:10%]' work)
   d.eval_split = ""  # TFDS: eval split ('' → validation if the dataset has one, else test)
   d.val_fraction = 0.05  # pycode | kjv | arith: documents held out, chosen by a hash of their key
-  d.max_train_tokens = 0  # 0 → all; cap on prepared train tokens (set one for c4-sized sets)
-  d.max_eval_tokens = 2_000_000  # cap on prepared validation tokens
+  # auto: TFDS datasets stream through Grain (read by index, tokenized on the fly), embedded
+  # corpora are tokenized once into cache_dir | stream | cache (TFDS too: fine for small sets)
+  d.pipeline = "auto"
+  d.num_threads = 4  # stream: Grain threads computing batches ahead of the trainer
+  d.max_train_tokens = 0  # cache: 0 → all; cap on prepared train tokens
+  d.max_eval_tokens = 2_000_000  # cap on prepared validation tokens (stream: read at start-up)
   d.spm_vocab_size = 8192  # sentencepiece: pieces, trained on a sample of the train split
   d.spm_train_chars = 5_000_000  # sentencepiece: characters sampled for training
   d.spm_model = ""  # sentencepiece: a trained .model to load ('' → train one into cache_dir)

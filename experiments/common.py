@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import os
 import platform
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 
 from configs import default
+from keel_jax import paths
 
 RUNS = "runs"  # per-run subdirectories (checkpoints, metrics); ignored by git
 _run_seconds: list[float] = []  # training time of every run returned, reused ones included
@@ -42,6 +43,11 @@ def run_config(exp, *, model: dict | None = None, train: dict | None = None):
   c.train.update(train or {})
   return c
 
+
+# Downstream suite the `paper` sizes score at the end of each run (keel_jax.tasks names). The paper
+# averages 14 benchmarks (arXiv 2601.19895, Table 3); these are the multiple-choice ones available
+# in TFDS, which score on every host of a pod slice (generative tasks run on one host only).
+PAPER_TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,openbookqa,boolq"
 
 SIZES = ("ci", "cpu", "paper")  # every experiment's sizes: tests, committed results, TPU pods
 
@@ -75,21 +81,35 @@ def run_name(residual: str, num_blocks: int, lr: float | None = None) -> str:
 def train_run(config, run_dir: str) -> dict:
   """Trains `config` into run_dir (or reuses a finished identical run).
 
-  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint}.
-  A NaN/Inf step under config.train.nonfinite='stop' is a result here, not a failure.
+  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint (of the data),
+  provenance, code}: a finished run is reused when its config matches (experiments/cells) and
+  its code does (experiments/provenance): code = 'source' (same keel_jax/ sources) or
+  'behaviour' (older sources, same numbers). A NaN/Inf step under config.train.nonfinite='stop'
+  is a result here, not a failure.
   """
+  from experiments import cells, provenance
   from keel_jax import train
 
-  done = os.path.join(run_dir, "result.json")
+  done = paths.join(run_dir, "result.json")
   config_json = config.to_json_best_effort(sort_keys=True)
-  if os.path.exists(done):
-    with open(done) as f:
-      result = json.load(f)
-    if result.get("config") == config_json:
-      _run_seconds.append(result["seconds"])
-      return result
-  if os.path.exists(run_dir):  # unfinished or different: start clean, never half-resume
-    shutil.rmtree(run_dir)
+  # Fingerprints are cached beside runs/: each code version trains them once per scheme.
+  cache = paths.join(os.path.dirname(os.path.dirname(paths.resolve(run_dir))), "provenance")
+  now = lambda: provenance.current(config.model.residual, cache)
+  if paths.exists(done):
+    result = paths.read_json(done)
+    stored = json.loads(result.get("config", "{}"))
+    if cells.same_config(stored, json.loads(config_json)):
+      prov = result.get("provenance")
+      code = "source" if prov and prov["source_hash"] == provenance.source_hash() else None
+      code = code or provenance.same_code(prov, now())
+      if code:  # made by this code, or by code whose numbers are the same
+        _run_seconds.append(result["seconds"])
+        return {**result, "code": code}
+    if not paths.is_remote(run_dir):  # finished by another config or code: kept aside
+      os.replace(run_dir, f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+  if paths.exists(run_dir):  # unfinished (or a bucket's other run): start clean
+    paths.rmtree(run_dir)
+  prov = now()
   t0 = time.perf_counter()
   status, error, final = "ok", "", {}
   try:
@@ -101,31 +121,43 @@ def train_run(config, run_dir: str) -> dict:
     "error": error,
     "seconds": time.perf_counter() - t0,
     "final": final,
-    "fingerprint": read_json(os.path.join(run_dir, "data_fingerprint.json")),
+    "fingerprint": read_json(paths.join(run_dir, "data_fingerprint.json")),
     "config": config_json,
+    "provenance": prov,
   }
-  with open(done, "w") as f:
-    json.dump(result, f, indent=1)
+  paths.write_json(done, result, indent=1)
   _run_seconds.append(result["seconds"])
-  return result
+  return {**result, "code": "source"}
 
 
 def annotate(run_dir: str, **values) -> dict:
   """Adds `values` to a finished run's result.json (e.g. scores computed after training)."""
-  path = os.path.join(run_dir, "result.json")
+  path = paths.join(run_dir, "result.json")
   result = {**read_json(path), **values}
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
+  paths.write_json(path, result, indent=1)
   return result
 
 
 def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def unigram_loss(config) -> float:
+  """Eval loss of the best context-free model: validation tokens scored by training-token
+  frequencies (add-one smoothed). A run near it has learned only token frequencies."""
+  import numpy as np
+
+  from keel_jax import data
+
+  ds = data.make(config.data)
+  vocab = ds.tokenizer.vocab_size
+  train = np.bincount(np.asarray(ds._train).ravel(), minlength=vocab) + 1.0
+  val = np.bincount(np.asarray(ds._val).ravel(), minlength=vocab)
+  return float(-(val * np.log(train / train.sum())).sum() / val.sum())
 
 
 # ---------------------------------------------------------------- where and how it ran
@@ -165,10 +197,18 @@ def peak_rss_mb() -> float:
 
 def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], digits=4) -> str:
   """rows → <stem>.csv and <stem>.md; returns the Markdown."""
-  with open(path_stem + ".csv", "w", newline="") as f:
-    w = csv.DictWriter(f, columns, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, columns, extrasaction="ignore")
+  w.writeheader()
+  w.writerows(rows)
+  paths.write_text(path_stem + ".csv", buf.getvalue())
+  md = markdown_table(columns, rows, digits)
+  paths.write_text(path_stem + ".md", md)
+  return md
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict], digits=4) -> str:
+  """rows as a Markdown table; floats to `digits` significant digits."""
 
   def cell(v):
     if isinstance(v, float):
@@ -177,10 +217,7 @@ def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], di
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-  md = "\n".join(lines) + "\n"
-  with open(path_stem + ".md", "w") as f:
-    f.write(md)
-  return md
+  return "\n".join(lines) + "\n"
 
 
 def pyplot():
@@ -197,7 +234,7 @@ def save_figure(fig, path: str) -> str:
   for ax in fig.axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)  # small PNGs: they are committed
+  paths.save_figure(fig, path, dpi=90)  # small PNGs: they are committed
   pyplot().close(fig)
   return path
 
@@ -230,12 +267,10 @@ def write_readme(
     lines.append(f"* corpus fingerprint: {fp} (full: data_fingerprint.json)")
   for heading, body in sections:
     lines += ["", f"## {heading}", "", body.rstrip()]
-  path = os.path.join(workdir, "README.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  path = paths.join(workdir, "README.md")
+  paths.write_text(path, "\n".join(lines) + "\n")
   if fingerprint:
-    with open(os.path.join(workdir, "data_fingerprint.json"), "w") as f:
-      json.dump(fingerprint, f, indent=2)
+    paths.write_json(paths.join(workdir, "data_fingerprint.json"), fingerprint, indent=2)
   return path
 
 
@@ -262,7 +297,7 @@ def main(run: Callable[[ml_collections.ConfigDict, str], dict]) -> None:
     if config.compilation_cache:
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+    paths.makedirs(flags.FLAGS.workdir)
     run(config, flags.FLAGS.workdir)
 
   app.run(_main)

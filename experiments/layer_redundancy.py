@@ -11,7 +11,6 @@ table.{csv,md} (Δ loss per position), summary.{csv,md}, redundancy.png and READ
 from __future__ import annotations
 
 import functools
-import glob
 import math
 import os
 import time
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from keel_jax import paths
 
 PAPER = (
   "Figures (ΔPPL when one layer is removed, per depth position): the first layers are critical "
@@ -57,16 +57,18 @@ def masks(num_sublayers: int, unit: str) -> list[tuple[str, np.ndarray]]:
 
 
 def source_run(config, scheme: str) -> str | None:
-  """The lowest-eval-loss finished seed-0 run of `scheme` at this depth in config.source."""
+  """The lowest-eval-loss finished seed-0 cell of `scheme` at this depth in config.source (a
+  depth_scaling workdir), if its checkpoint is there."""
   if not config.source:
     return None
-  pattern = os.path.join(config.source, common.RUNS, common.run_name(scheme, config.num_blocks))
+  name = f"{scheme}_L{2 * config.num_blocks}_lr*_seed0"
   best, best_loss = None, math.inf
-  for d in glob.glob(pattern + "_lr*"):
-    if "_seed" in os.path.basename(d) or not os.path.exists(os.path.join(d, "result.json")):
+  for d in paths.glob(paths.join(config.source, "cells", name)):
+    path = paths.join(d, "cell.json")
+    if not paths.exists(path) or not paths.isdir(paths.join(d, "checkpoints")):
       continue
-    res = common.read_json(os.path.join(d, "result.json"))
-    loss_value = res["final"].get("eval/loss", math.inf) if res["status"] == "ok" else math.inf
+    res = common.read_json(path)
+    loss_value = res["eval"].get("eval/loss", math.inf) if res["status"] == "ok" else math.inf
     if loss_value < best_loss:
       best, best_loss = d, loss_value
   return best
@@ -110,7 +112,7 @@ def removal_losses(config, run_dir: str) -> tuple[float, list[float], dict]:
   base = loss_with(np.ones(n, np.float32))
   removed = [loss_with(keep) for _, keep in masks(n, config.unit)]
   facts = {
-    "run": os.path.relpath(run_dir),
+    "run": run_dir if paths.is_remote(run_dir) else os.path.relpath(run_dir),
     "lr": s.config.train.learning_rate,
     "steps": run.step,
     "fingerprint": s.dataset.fingerprint,

@@ -15,21 +15,37 @@ Each step records a digest of its arrays' bits; one whose contents no longer mat
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
+
+from keel_jax import paths
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be saved or restored; the message says which and why."""
+
+
+# TensorStore (Orbax's array I/O) retries a failing GCS request 32 times, up to 32 s apart: a
+# run whose bucket is gone would wait ~15 min before saying so. Six tries ~1-8 s apart ride out
+# transient errors and give up within a minute. Orbax copies these dicts into each context.
+GCS_REQUEST_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "8s"}
+
+
+def _bound_gcs_retries() -> None:
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+
+  for ctx in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    ctx.setdefault("gcs_request_retries", dict(GCS_REQUEST_RETRIES))
+
+
+_bound_gcs_retries()
 
 
 def _one_line(e: BaseException) -> str:
@@ -109,7 +125,7 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep={keep}: keep at least 1 checkpoint (config.train.keep_checkpoints)")
     # Orbax resolves relative paths against the cwd of each host; make it explicit.
-    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    self.directory = paths.path(directory)
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
       enable_async_checkpointing=async_save,
@@ -181,16 +197,27 @@ class Checkpointer:
   def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
     """Cleans up after a failed save and returns the error to raise."""
     self._failed.add(step)
-    # Orbax dropped the steps this save would have pruned from its list (not from disk).
-    self._manager.reload()
-    self._remove_partial(step)
+    if paths.is_remote(self.directory):
+      # Nothing to clean on a bucket (see _remove_partial), and a reload would wait out the
+      # client's retries again when the bucket is what failed.
+      return CheckpointError(
+        f"saving checkpoint step {step} to {self.directory} failed: {_one_line(e)}"
+      )
+    try:
+      # Orbax dropped the steps this save would have pruned from its list (not from disk).
+      self._manager.reload()
+      self._remove_partial(step)
+    except Exception as cleanup_error:  # e.g. the bucket is unreachable: report the save's error
+      log.warning("after the failed save, %s: %s", self.directory, _one_line(cleanup_error))
     return CheckpointError(
       f"saving checkpoint step {step} to {self.directory} failed: {_one_line(e)}"
     )
 
   def _remove_partial(self, step: int | None) -> None:
     """Deletes a failed save's temporary directory: it can be most of a full disk."""
-    if step is None or jax.process_index() != 0:
+    if step is None or jax.process_index() != 0 or paths.is_remote(self.directory):
+      # Object stores get no temporary directory: Orbax marks a finished step with a commit file,
+      # ignores unmarked ones and deletes them when the next run opens the directory.
       return
     for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
       try:

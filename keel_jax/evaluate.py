@@ -10,8 +10,6 @@ prints a Markdown table and writes <workdir>/eval/tasks_<N>.json.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import flax.linen as nn
@@ -44,7 +42,7 @@ def exact_match_accuracy(run, num_prompts: int) -> float:
 
 def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) -> dict:
   """Scores the checkpoint at `step` (default: latest) and writes its JSON report."""
-  from keel_jax import restore, sharding, train
+  from keel_jax import paths, restore, sharding, train
 
   if num_prompts < 1:
     raise ValueError(f"num_prompts={num_prompts} must be >= 1")
@@ -64,10 +62,8 @@ def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) 
     report["eval/exact_match"] = exact_match_accuracy(run, num_prompts)
     report["exact_match_prompts"] = num_prompts
   report["data_fingerprint"] = s.dataset.fingerprint
-  path = os.path.join(workdir, f"eval_step_{run.step}.json")
-  with open(path + ".tmp", "w") as f:  # a reader never sees half a report
-    json.dump(report, f, indent=2)
-  os.replace(path + ".tmp", path)
+  path = paths.join(workdir, f"eval_step_{run.step}.json")
+  paths.write_json(path, report, indent=2)  # atomic: a reader never sees half a report
   return {**report, "path": path}
 
 
@@ -81,7 +77,7 @@ def evaluate_tasks(
 ) -> dict:
   """Scores downstream tasks on the checkpoint at `step` (default: latest) and writes
   <workdir>/eval/tasks_<step>.json (process 0)."""
-  from keel_jax import restore, tasks
+  from keel_jax import paths, restore, tasks
 
   run_config = restore.load_config(workdir)
   chosen = tasks.for_config(names, run_config)  # unknown names fail before the restore
@@ -106,12 +102,9 @@ def evaluate_tasks(
     "average": tasks.average(results),
     "results": results,
   }
-  path = os.path.join(workdir, "eval", f"tasks_{run.step}.json")
+  path = paths.join(workdir, "eval", f"tasks_{run.step}.json")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_json(path, report, indent=2)  # atomic; local or gs://
   return {**report, "path": path}
 
 

@@ -33,11 +33,11 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-  from keel_jax import checkpoint, train
+  from keel_jax import checkpoint, paths, train
 
   try:
     train.train(FLAGS.config, FLAGS.workdir)
-  except (ValueError, train.NonFiniteError, checkpoint.CheckpointError) as e:
+  except (ValueError, train.NonFiniteError, checkpoint.CheckpointError, paths.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from keel_jax import paths
+
 
 class Writer:
   """Writes one JSON object per logged step; only process 0 writes."""
@@ -17,21 +19,21 @@ class Writer:
   def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
     self.enabled = enabled
     self.total_steps = total_steps
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
     self._tb = None
     self._t0 = time.perf_counter()
     self._first_step = None
     if enabled:
       from tensorboardX import SummaryWriter  # imported lazily: pulls in protobuf
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      _route_remote_events()
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, row: dict) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: plain(v) for k, v in row.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    paths.append_text(self.path, json.dumps(row) + "\n")
     for k, v in row.items():
       if k != "step" and isinstance(v, float) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
@@ -63,6 +65,57 @@ class Writer:
     if self.enabled and sys.stderr.isatty():
       print(file=sys.stderr)
 
+  def abandon(self) -> None:
+    """The run is failing: events still buffered for a bucket are dropped, not uploaded (the
+    bucket may be what failed, and each try would wait out the client's retries)."""
+    for f in _BufferedEventFiles.opened:
+      f.dead = True
+
+
+class _BufferedEventFile:
+  """A TensorBoard event file on an object store: kept in memory, uploaded whole at each flush
+  (stores cannot append; event files of a run are small)."""
+
+  def __init__(self, path: str):
+    self.path, self._data, self._uploaded = path, bytearray(), 0
+    self.dead = False  # after a failed upload or an abandoned run: no more uploads
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    if self.dead or len(self._data) == self._uploaded:
+      return
+    try:
+      paths.write_bytes(self.path, bytes(self._data))
+    except paths.StorageError:
+      # Raised once (the run stops with it); tensorboardX's exit hook must not wait again.
+      self.dead = True
+      raise
+    self._uploaded = len(self._data)
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BufferedEventFiles:
+  opened: list[_BufferedEventFile] = []
+
+  def open(self, path: str) -> _BufferedEventFile:
+    self.opened.append(_BufferedEventFile(path))
+    return self.opened[-1]
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no directories to create
+
+
+def _route_remote_events() -> None:
+  """Makes tensorboardX write gs:// event files through `paths` (its own gs:// writer needs a
+  second GCS client and its credentials); local event files are untouched."""
+  from tensorboardX import record_writer
+
+  record_writer.register_writer_factory("gs", _BufferedEventFiles())
+
 
 def quiet_libraries() -> None:
   """Orbax and friends log every file operation at INFO via absl; keep the console readable."""
@@ -70,14 +123,30 @@ def quiet_libraries() -> None:
 
   if logging.get_verbosity() > logging.WARNING:
     logging.set_verbosity(logging.WARNING)
+  import logging as std_logging
+
+  # gcsfs logs every exhausted retry with a traceback; keel_jax.paths reports the failure in one
+  # line (StorageError), and its bucket-type probe warns on every emulator or HNS-less bucket.
+  std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
+  # Orbax logs a failed background save with its traceback before our CheckpointError reports it
+  # in one line: keep Orbax's line, drop the traceback.
+  absl_logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxTracebacks())
+
+
+class _NoOrbaxTracebacks:
+  def filter(self, record) -> bool:
+    if "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def read(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def plot_loss(workdir: str, out_name: str = "loss.png") -> str | None:
@@ -97,13 +166,11 @@ def plot_loss(workdir: str, out_name: str = "loss.png") -> str | None:
     ax.plot(*zip(*evals, strict=True), "o-", label="eval")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
-  ax.set_title(os.path.basename(os.path.normpath(workdir)))
+  ax.set_title(os.path.basename(paths.resolve(workdir)))
   ax.grid(alpha=0.3)
   ax.legend()
-  path = os.path.join(workdir, out_name)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
+  return paths.save_figure(fig, paths.join(workdir, out_name), dpi=120)
 
 
 def plain(v):

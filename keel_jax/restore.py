@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import ml_collections
 
-from keel_jax import checkpoint, train
+from keel_jax import checkpoint, paths, train
 
 
 @dataclasses.dataclass
@@ -20,14 +19,13 @@ class Run:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.isfile(path):
     raise FileNotFoundError(
       f"no config.json in {workdir!r}: is it a workdir written by python -m keel_jax.main?"
     )
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(_tuples(json.load(f)))
+    return ml_collections.ConfigDict(_tuples(paths.read_json(path)))
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"cannot read {path}: {e}") from e
 
@@ -47,7 +45,7 @@ def load(workdir: str, step: int | None = None) -> Run:
   Raises FileNotFoundError, ValueError or checkpoint.CheckpointError with one line.
   """
   config = load_config(workdir)
-  directory = os.path.join(workdir, "checkpoints")
+  directory = paths.join(workdir, "checkpoints")
   # Steps are checked on disk before Orbax opens the directory: opening it creates the directory
   # and starts a clean-up thread that logs a traceback if the process exits before it is done.
   steps = _step_dirs(directory)
@@ -67,10 +65,8 @@ def load(workdir: str, step: int | None = None) -> Run:
 
 def _step_dirs(directory: str) -> list[int]:
   """Steps saved under `directory`: Orbax names a finished step's directory by its number."""
-  if not os.path.isdir(directory):
-    return []
-  names = os.listdir(directory)
-  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  names = paths.listdir(directory)
+  return sorted(int(n) for n in names if n.isdigit() and paths.isdir(paths.join(directory, n)))
 
 
 def _tuples(x):

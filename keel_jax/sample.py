@@ -251,8 +251,9 @@ def _read_prompts() -> list[str]:
   if not FLAGS.prompts_file:
     return [FLAGS.prompt]
   try:
-    with open(FLAGS.prompts_file) as f:
-      texts = [line.rstrip("\n") for line in f if line.strip()]
+    from keel_jax import paths
+
+    texts = [line for line in paths.read_text(FLAGS.prompts_file).split("\n") if line.strip()]
   except OSError as e:
     raise ValueError(f"cannot read --prompts_file: {e}") from e
   if not texts:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -18,7 +17,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from keel_jax import checkpoint, data, flops, loss, metrics, optimizer, sharding
+from keel_jax import checkpoint, data, flops, loss, metrics, optimizer, paths, sharding
 from keel_jax.model import LM, ModelConfig, sublayer_norms
 
 
@@ -54,14 +53,6 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   return ModelConfig.from_dict(d)
 
 
-def _check_writable(workdir: str) -> None:
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-    raise ValueError(f"workdir {workdir!r} is not writable (checked {path}); choose another")
-
-
 # Model settings that change only how the stack is computed and laid out in memory: a run may
 # resume with other values (parameters are stored the same way whatever they say).
 MEMORY_SETTINGS = ("scan_layers", "remat_policy", "remat_save_names", "nested_remat",
@@ -73,14 +64,11 @@ VOCAB_SETTINGS = ("tokenizer", "spm_vocab_size", "spm_model")
 def check_resumable(workdir: str, config) -> None:
   """Raises ValueError naming the fields that differ when workdir holds checkpoints of
   another model (width, depth, scheme, vocabulary) than `config` describes."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  config_json = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_json) or not any(
-    name.isdigit() for name in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
-  ):
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  config_json = paths.join(workdir, "config.json")
+  if not paths.exists(config_json) or not any(name.isdigit() for name in paths.listdir(ckpt_dir)):
     return
-  with open(config_json) as f:
-    old = json.load(f)
+  old = paths.read_json(config_json)
   new = json.loads(config.to_json_best_effort())
   fields = [("model", k) for k in new["model"] if k not in MEMORY_SETTINGS]
   fields += [("data", k) for k in VOCAB_SETTINGS]
@@ -104,7 +92,7 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
   """
   t = config.train
   if workdir is not None:
-    _check_writable(workdir)
+    paths.check_writable(workdir)
   optimizer.validate(t)
   for name in ("log_every", "eval_every", "checkpoint_every", "diag_every"):
     if t[name] < 0:
@@ -382,18 +370,16 @@ def train(config, workdir: str) -> dict:
     s, choice = remat_auto.choose(s, s.mesh.devices.flat[0])
     if lead:
       print(choice.summary(), flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "data_fingerprint.json"), "w") as f:
-      json.dump(s.dataset.fingerprint, f, indent=2)
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    paths.write_json(paths.join(workdir, "data_fingerprint.json"), s.dataset.fingerprint, indent=2)
 
   # ---- Sharded state: created directly on the mesh, or restored onto it.
   abstract, shardings, init_fn = abstract_state(s)
   batch_sharding = sharding.batch_sharding(s.mesh, s.rules)
   block = host_block(batch_sharding, t.batch_size, config.data.seq_len)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(paths.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     if ckpt.latest_step() is not None:
       state, start = ckpt.restore(abstract)
@@ -525,10 +511,13 @@ def train(config, workdir: str) -> dict:
       if pending is not None:
         fetch(*pending)
       ckpt.wait()
+    except BaseException:
+      writer.abandon()
+      raise
     finally:
       ckpt.close()
       writer.close()
-  if lead and os.path.exists(writer.path):
+  if lead and paths.exists(writer.path):
     path = metrics.plot_loss(workdir)
     print(f"loss curve: {path}", flush=True)
   if lead and t.sample_prompt and not preempt.requested:

@@ -416,7 +416,7 @@ def mock_tfds(docs):
 
 def test_malformed_documents_are_cleaned_or_dropped(tmp_path):
   cfg = smoke.get_config().data
-  cfg.update(name="tiny_shakespeare", cache_dir=str(tmp_path))
+  cfg.update(name="tiny_shakespeare", cache_dir=str(tmp_path), pipeline="cache")
   with mock_tfds(MALFORMED):
     ds = data.make(cfg)
   assert ds.fingerprint["num_train_docs"] == 3  # the empty ones are dropped

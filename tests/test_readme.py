@@ -32,12 +32,16 @@ TINY = (
 # Per experiment: what makes its `cpu` preset a seconds-long run of the same code path.
 EXPERIMENT_SHRINK = {
   "depth_scaling": "--config.schemes=\"('keel',)\" --config.num_blocks='(1,)' "
-  "--config.lrs='(3e-3,)' --config.noise_seeds='()' --config.noise_num_blocks=1",
+  "--config.log10_lrs='(-2.5,)' --config.max_extend=0 --config.seeds='(0,)' "
+  "--config.isolate=False",
   "lr_sweep": "--config.schemes=\"('keel',)\" --config.num_blocks='(1,)' --config.window=3 "
-  "--config.check_windows='(3,)' --config.train.num_steps=12",
-  "grad_flow": "--config.schemes=\"('keel',)\" --config.num_blocks=2 --config.profile_batches=1",
+  "--config.check_windows='(3,)' --config.train.num_steps=12 --config.seeds='(0,)'",
+  "grad_flow": "--config.schemes=\"('keel',)\" --config.num_blocks=2 --config.profile_batches=1 "
+  "--config.wide.schemes=\"('keel',)\" --config.wide.model.d_model=32 "
+  "--config.wide.model.num_heads=2 --config.wide.model.num_kv_heads=1 "
+  "--config.wide.model.d_ff=64 --config.wide.model.num_blocks=2 --config.wide.seq_len=32",
   "layer_redundancy": "--config.num_blocks=2 --config.source='' --config.eval_batches=1",
-  "deep_run": "--config.num_blocks=4",
+  "deep_run": "--config.num_blocks=4 --config.schemes=\"('keel',)\"",
 }
 BENCHMARK_SHRINK = (
   "--config.repeats=1 --config.matmul_sizes='(256,)' --config.compile.scan_depths='(4,8)' "
@@ -178,6 +182,12 @@ def check_experiment(command, tmp_path, demo_workdir):
   assert (workdir / "README.md").exists() and (workdir / "table.md").exists()
 
 
+def check_data_benchmark(command, tmp_path, demo_workdir):
+  shrink = "--seconds 0.5 --c4_docs 300 --c4_seq_len 128 --c4_vocab 400"
+  proc = run(f"{command} {shrink}", tmp_path)
+  assert proc.stdout.count(" ratio ") == 2, proc.stdout
+
+
 def check_aot(command, tmp_path, demo_workdir):
   # The config's real shapes, mesh rules and topology; 4 sub-layers instead of 1024.
   proc = run(f"{command} --config.model.num_blocks=2", tmp_path)
@@ -200,7 +210,8 @@ COVERAGE = [
   (r'^pip install -e "?\.\[\w+\]"?$', check_pip_extra),
   (r"^(\S*python) -m keel_jax\.main ", check_main),
   (r"^(\S*python) -m keel_jax\.(sample|evaluate) --workdir=workdirs/demo", check_on_demo),
-  (r"^(\S*python) -m experiments\.\w+ ", check_experiment),
+  (r"^(\S*python) -m experiments\.(?!data_benchmark)\w+ ", check_experiment),
+  (r"^(\S*python) -m experiments\.data_benchmark", check_data_benchmark),
   (r"^(\S*python) -m keel_jax\.aot_compile ", check_aot),
   (r"^for i in 0 1; do\n.*--num_processes=2", check_two_processes),
 ]

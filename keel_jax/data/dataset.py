@@ -1,7 +1,8 @@
 """`make(config.data)` → a `Dataset`: one path from any source to deterministic packed batches.
 
 source documents → tokenizer → token stream (cached as .npy, keyed by the content fingerprint)
-→ fixed windows → `train_batch(step)` / `eval_batches()` (see `packing`).
+→ fixed windows → `train_batch(step)` / `eval_batches()` (see `packing`). TFDS datasets stream
+instead (`streaming`: Grain, nothing pre-tokenized), with the same interface.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from keel_jax.data import packing, sources, tokenizers
+from keel_jax import paths
+from keel_jax.data import packing, sources, streaming, tokenizers
 
 # Every field of config.data with its default; a config may omit any of them.
 DEFAULTS = {
@@ -32,6 +34,8 @@ DEFAULTS = {
   "train_split": "train",
   "eval_split": "",
   "val_fraction": 0.05,
+  "pipeline": "auto",
+  "num_threads": 4,
   "max_train_tokens": 0,
   "max_eval_tokens": 2_000_000,
   "spm_vocab_size": 8192,
@@ -40,6 +44,7 @@ DEFAULTS = {
   "arith_steps": 4,
   "arith_num_problems": 100_000,
 }
+PIPELINES = ("auto", "stream", "cache")
 CACHE_FORMAT = 1  # bump when the cached token layout changes
 _ENCODE_CHUNK = 128  # documents per tokenizer call (and per check of the token caps)
 
@@ -63,6 +68,7 @@ def _validated(cfg) -> types.SimpleNamespace:
     "spm_train_chars",
     "arith_steps",
     "arith_num_problems",
+    "num_threads",
   ):
     v = getattr(c, key)
     need(isinstance(v, int) and not isinstance(v, bool), f"config.data.{key}={v!r} must be an int")
@@ -71,6 +77,11 @@ def _validated(cfg) -> types.SimpleNamespace:
     c.tokenizer in tokenizers.NAMES,
     f"config.data.tokenizer={c.tokenizer!r} is unknown; choose one of {tokenizers.NAMES}",
   )
+  need(
+    c.pipeline in PIPELINES,
+    f"config.data.pipeline={c.pipeline!r} is unknown; choose one of {PIPELINES}",
+  )
+  need(c.num_threads >= 1, f"config.data.num_threads={c.num_threads} must be >= 1")
   need(c.seq_len >= 2, f"config.data.seq_len={c.seq_len} must be >= 2")
   need(0 < c.val_fraction < 1, f"config.data.val_fraction={c.val_fraction} must be in (0, 1)")
   need(
@@ -121,7 +132,7 @@ def _tokenizer(c, corpus: sources.Corpus, cache_dir: str):
   if c.tokenizer == "byte":
     return tokenizers.ByteTokenizer()
   if c.spm_model:
-    return tokenizers.SentencePieceTokenizer.load(os.path.expanduser(c.spm_model))
+    return tokenizers.SentencePieceTokenizer.load(paths.resolve(c.spm_model))
   key = _key({"corpus": corpus.facts, "vocab": c.spm_vocab_size, "chars": c.spm_train_chars})
   path = os.path.join(cache_dir, "spm", f"{_safe(c.name)}-{c.spm_vocab_size}-{key}.model")
   if os.path.exists(path):
@@ -281,10 +292,18 @@ def make(cfg, seed: int = 0) -> Dataset:
   c = _validated(cfg)
   if not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed={seed!r} must be an int >= 0 (config.train.seed)")
+  if paths.is_remote(c.cache_dir):  # the token cache is memory-mapped
+    raise ValueError(
+      f"config.data.cache_dir={c.cache_dir!r} must be a local directory (it is memory-mapped)"
+    )
   cache_dir = os.path.expanduser(c.cache_dir or "~/.cache/keel_jax")
   corpus = sources.open_corpus(c)
   tokenizer = _tokenizer(c, corpus, cache_dir)
-  train, val, meta, cached = _token_streams(c, corpus, tokenizer, cache_dir)
-  ds = Dataset(c, seed, corpus, tokenizer, train, val, meta)
+  if c.pipeline == "stream" or (c.pipeline == "auto" and c.name not in sources.BUILTIN):
+    ds = streaming.StreamingDataset(c, seed, corpus, tokenizer)
+    cached = False
+  else:
+    train, val, meta, cached = _token_streams(c, corpus, tokenizer, cache_dir)
+    ds = Dataset(c, seed, corpus, tokenizer, train, val, meta)
   ds.startup = {"seconds": time.perf_counter() - t0, "cached": cached}
   return ds

@@ -79,10 +79,11 @@ class SentencePieceTokenizer:
 
   @classmethod
   def load(cls, path: str) -> SentencePieceTokenizer:
-    if not os.path.exists(path):
+    from keel_jax import paths  # local or gs://
+
+    if not paths.exists(path):
       raise ValueError(f"config.data.spm_model={path!r} does not exist; give a .model file path")
-    with open(path, "rb") as f:
-      return cls(f.read())
+    return cls(paths.read_bytes(path))
 
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(_valid_utf8(text)))
