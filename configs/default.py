@@ -74,6 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.eps = 1e-8
   t.weight_decay = 0.01  # not applied to norms or biases
   t.grad_clip = 1.0  # global norm; 0 disables
+  t.mu_dtype = ""  # Adam's first moment: '' (the params' dtype) | float32 | bfloat16
+  t.nu_dtype = ""  # Adam's second moment: '' | float32 | bfloat16
+  # remat_policy="auto": the step must fit this many GB (0 → the device's memory: HBM on
+  # TPU/GPU, available RAM on CPU).
+  t.memory_budget_gb = 0.0
   t.z_loss = 0.0  # coefficient of log(Z)^2
   t.nonfinite = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
   t.log_every = 10

@@ -24,16 +24,19 @@ def get_config(arg: str | None = None):
     # "branch" skips recomputing each sub-layer's output projection but needs 43.2 GiB/chip on
     # v5p:4x4x8 (fits) and 18.8 GiB on v5e:16x16 (does not): full remat fits both.
     remat_policy="full",
-    # Four micro-batches cut the saved [L, B, T, D] carries more than √L nested remat does:
-    # on v5p:4x4x8, 26.7 GiB/chip vs 30.6 GiB with nested_remat=True and no accumulation
-    # (both from `python -m keel_jax.aot_compile`, 2026-11-24).
+    # Micro-batches cut the saved [L, B, T, D] carries at no extra FLOPs, where √L nested remat
+    # recomputes the forward once more: on v5p:4x4x8, 4 micro-batches need 26.7 GiB/chip vs
+    # 30.6 GiB with nested_remat=True and none (`python -m keel_jax.aot_compile`, 2026-11-24).
     nested_remat=False,
   )
   c.data.update(name="c4/en", tokenizer="sentencepiece", seq_len=4096)
   c.train.update(
     num_steps=60_000,
     batch_size=1024,
-    grad_accum_steps=4,  # fits v5p:4x4x8 (26.7 of 95 GiB) and v5e:16x16 (13.6 of 16 GiB)
+    # 8 micro-batches of one sequence per chip on 128 chips: fits v5e:8x16 (14.1 of 16 GiB,
+    # floor 8.8 GiB; with 4 the floor alone is 16.8 GiB). 4 fit v5p:4x4x8 (26.7 of 95 GiB)
+    # and v5e:16x16 (13.6 of 16 GiB).
+    grad_accum_steps=8,
     learning_rate=4.5e-3,
     warmup_steps=2_500,
     schedule="cosine",

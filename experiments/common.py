@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import json
 import math
 import os
 import platform
@@ -42,6 +43,11 @@ def run_config(exp, *, model: dict | None = None, train: dict | None = None):
   c.train.update(train or {})
   return c
 
+
+# Downstream suite the `paper` sizes score at the end of each run (keel_jax.tasks names). The paper
+# averages 14 benchmarks (arXiv 2601.19895, Table 3); these are the multiple-choice ones available
+# in TFDS, which score on every host of a pod slice (generative tasks run on one host only).
+PAPER_TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,openbookqa,boolq"
 
 SIZES = ("ci", "cpu", "paper")  # every experiment's sizes: tests, committed results, TPU pods
 
@@ -75,20 +81,35 @@ def run_name(residual: str, num_blocks: int, lr: float | None = None) -> str:
 def train_run(config, run_dir: str) -> dict:
   """Trains `config` into run_dir (or reuses a finished identical run).
 
-  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint}.
-  A NaN/Inf step under config.train.nonfinite='stop' is a result here, not a failure.
+  Returns {status: ok|nonfinite, error, seconds, final: last metrics, fingerprint (of the data),
+  provenance, code}: a finished run is reused when its config matches (experiments/cells) and
+  its code does (experiments/provenance): code = 'source' (same keel_jax/ sources) or
+  'behaviour' (older sources, same numbers). A NaN/Inf step under config.train.nonfinite='stop'
+  is a result here, not a failure.
   """
+  from experiments import cells, provenance
   from keel_jax import train
 
   done = paths.join(run_dir, "result.json")
   config_json = config.to_json_best_effort(sort_keys=True)
+  # Fingerprints are cached beside runs/: each code version trains them once per scheme.
+  cache = paths.join(os.path.dirname(os.path.dirname(paths.resolve(run_dir))), "provenance")
+  now = lambda: provenance.current(config.model.residual, cache)
   if paths.exists(done):
     result = paths.read_json(done)
-    if result.get("config") == config_json:
-      _run_seconds.append(result["seconds"])
-      return result
-  if paths.exists(run_dir):  # unfinished or different: start clean, never half-resume
+    stored = json.loads(result.get("config", "{}"))
+    if cells.same_config(stored, json.loads(config_json)):
+      prov = result.get("provenance")
+      code = "source" if prov and prov["source_hash"] == provenance.source_hash() else None
+      code = code or provenance.same_code(prov, now())
+      if code:  # made by this code, or by code whose numbers are the same
+        _run_seconds.append(result["seconds"])
+        return {**result, "code": code}
+    if not paths.is_remote(run_dir):  # finished by another config or code: kept aside
+      os.replace(run_dir, f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+  if paths.exists(run_dir):  # unfinished (or a bucket's other run): start clean
     paths.rmtree(run_dir)
+  prov = now()
   t0 = time.perf_counter()
   status, error, final = "ok", "", {}
   try:
@@ -102,10 +123,11 @@ def train_run(config, run_dir: str) -> dict:
     "final": final,
     "fingerprint": read_json(paths.join(run_dir, "data_fingerprint.json")),
     "config": config_json,
+    "provenance": prov,
   }
   paths.write_json(done, result, indent=1)
   _run_seconds.append(result["seconds"])
-  return result
+  return {**result, "code": "source"}
 
 
 def annotate(run_dir: str, **values) -> dict:
@@ -122,6 +144,20 @@ def read_json(path: str):
 
 def finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def unigram_loss(config) -> float:
+  """Eval loss of the best context-free model: validation tokens scored by training-token
+  frequencies (add-one smoothed). A run near it has learned only token frequencies."""
+  import numpy as np
+
+  from keel_jax import data
+
+  ds = data.make(config.data)
+  vocab = ds.tokenizer.vocab_size
+  train = np.bincount(np.asarray(ds._train).ravel(), minlength=vocab) + 1.0
+  val = np.bincount(np.asarray(ds._val).ravel(), minlength=vocab)
+  return float(-(val * np.log(train / train.sum())).sum() / val.sum())
 
 
 # ---------------------------------------------------------------- where and how it ran
@@ -166,6 +202,13 @@ def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], di
   w.writeheader()
   w.writerows(rows)
   paths.write_text(path_stem + ".csv", buf.getvalue())
+  md = markdown_table(columns, rows, digits)
+  paths.write_text(path_stem + ".md", md)
+  return md
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict], digits=4) -> str:
+  """rows as a Markdown table; floats to `digits` significant digits."""
 
   def cell(v):
     if isinstance(v, float):
@@ -174,9 +217,7 @@ def write_table(path_stem: str, columns: Sequence[str], rows: Sequence[dict], di
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-  md = "\n".join(lines) + "\n"
-  paths.write_text(path_stem + ".md", md)
-  return md
+  return "\n".join(lines) + "\n"
 
 
 def pyplot():

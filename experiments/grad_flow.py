@@ -22,11 +22,14 @@ import numpy as np
 from experiments import common
 
 PAPER = (
-  "Post-LN's residual shrinks gradients by ~1/√2 per sub-layer on the way down (≈ 2^(−L/2) "
-  "over L sub-layers); Keel's weighted carry (α = L) keeps the per-layer Jacobian ≈ 1, so its "
-  "gradients are uniform across depth. (ENGINEERING.md, measured at init: Keel uniform, "
-  "Pre-LN 7.7× skewed.)"
+  "arXiv 2601.19895 (its analysis of the residual Jacobian): Post-LN's residual shrinks "
+  "gradients by ~1/√2 per sub-layer on the way down (≈ 2^(−L/2) over L sub-layers); Keel's "
+  "weighted carry (α = L) keeps the per-layer Jacobian ≈ 1, so its gradients are uniform "
+  "across depth."
 )
+# One rule for every scheme, stage and sub-layer kind: the weight-gradient norm of the lowest
+# sub-layer (first block left out) over the highest's.
+VANISH, GROW = 0.5, 2.0
 
 
 def weights_only(grads):
@@ -83,6 +86,24 @@ def scheme_profiles(config, workdir: str, scheme: str) -> dict:
   return out
 
 
+def wide_init_profiles(config, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+  """Profiles at init only of the config.wide model (the paper's width): a few sequences."""
+  from keel_jax import train
+
+  w = config.wide
+  cfg = common.run_config(
+    config,
+    model=dict(residual=scheme, **dict(w.model)),
+    train=dict(batch_size=w.batch_size),
+  )
+  cfg.data.seq_len = w.seq_len
+  s = train.setup(cfg, workdir=None, devices=jax.devices()[:1])
+  batches = s.dataset.eval_batches(w.batch_size, 1)
+  _, _, init_fn = train.abstract_state(s)
+  params = jax.jit(init_fn)(jax.random.key(cfg.train.seed))["params"]
+  return profile(s, params, batches)
+
+
 def summary(scheme: str, stage: str, g: np.ndarray, a: np.ndarray) -> dict:
   """Ratios the verdict reads. Attention and FFN sub-layers are compared only among their own
   kind (their gradient scales differ at init), and the first block is left out (Keel's is
@@ -98,53 +119,38 @@ def summary(scheme: str, stage: str, g: np.ndarray, a: np.ndarray) -> dict:
     "act rms first": float(a[0]),
     "act rms last": float(a[-1]),
     "act rms max/min": float(a.max() / a.min()),
+    "attn flow": flow(float(attn[0] / attn[-1])),
+    "ffn flow": flow(float(ffn[0] / ffn[-1])),
   }
 
 
-def verdict(rows: dict) -> list[str]:
-  def get(scheme, stage="init"):
-    return rows.get((scheme, stage))
+def flow(ratio: float) -> str:
+  if not np.isfinite(ratio):
+    return "n/a"
+  return "vanishing" if ratio < VANISH else "growing" if ratio > GROW else "flat"
 
-  skew = lambda r: max(r["attn max/min"], r["ffn max/min"])
+
+def verdict(rows: dict, label: str) -> list[str]:
+  """The same rule for every scheme, stage and sub-layer kind (no min over kinds)."""
   out = []
-  for scheme in ("post_ln", "deepnorm"):
-    if not get(scheme):
-      continue
-    ratio = lambda r: min(r["attn bottom/top"], r["ffn bottom/top"])
-    r0 = ratio(get(scheme))
-    r1 = ratio(get(scheme, "trained")) if get(scheme, "trained") else float("nan")
-    out.append(
-      f"{scheme}: bottom/top weight-gradient ratio {r0:.3g} at init, {r1:.3g} after training. "
-      + (
-        "Gradients shrink toward the input after training (ratio < 0.5), the paper's mechanism"
-        if r1 < 0.5
-        else "No vanishing toward the input after training: NOT reproduced"
-      )
-      + (
-        "; not at init, where the small N(0, 0.02) branches make each LN(x + F) ≈ identity."
-        if r0 >= 0.5
-        else ", and already at init."
-      )
-    )
-  if get("keel"):
-    k = skew(get("keel"))
-    out.append(
-      f"Keel at init: worst max/min weight-gradient norm across sub-layers of one kind {k:.3g} "
-      + ("(uniform within 2×, as the paper predicts)." if k < 2 else "(NOT uniform).")
-    )
-    if get("pre_ln"):
-      p = skew(get("pre_ln"))
-      out.append(
-        f"Pre-LN at init: max/min {p:.3g} vs Keel {k:.3g}: "
-        + (
-          "Pre-LN is the more skewed, as ENGINEERING.md measured."
-          if p > k
-          else "Keel is NOT more uniform than Pre-LN here."
+  for (scheme, stage), r in rows.items():
+    kinds = [
+      f"{k} {r[f'{k} bottom/top']:.3g} ({flow(r[f'{k} bottom/top'])}, max/min "
+      f"{r[f'{k} max/min']:.3g})"
+      for k in ("attn", "ffn")
+    ]
+    out.append(f"{label}, {scheme} {stage}: bottom/top " + "; ".join(kinds) + ".")
+  by = lambda stage, kind: {s: r[f"{kind} max/min"] for (s, st), r in rows.items() if st == stage}
+  for stage in dict.fromkeys(st for _, st in rows):
+    for kind in ("attn", "ffn"):
+      m = by(stage, kind)
+      if "keel" in m and len(m) > 1:
+        flatter = sorted(m, key=m.get)
+        out.append(
+          f"{label}, {stage}, {kind}: most uniform first (max/min across depth): "
+          + ", ".join(f"{s} {m[s]:.3g}" for s in flatter)
+          + "."
         )
-      )
-    if get("keel", "trained"):
-      pre = f", Pre-LN {skew(get('pre_ln', 'trained')):.3g}" if get("pre_ln", "trained") else ""
-      out.append(f"After training: max/min Keel {skew(get('keel', 'trained')):.3g}{pre}.")
   return out
 
 
@@ -198,7 +204,43 @@ def run(config, workdir: str) -> dict:
   cols = list(next(iter(summaries.values())))
   table_md = common.write_table(os.path.join(workdir, "table"), cols, list(summaries.values()), 3)
   plot(config, profiles, os.path.join(workdir, "grad_flow.png"))
-  lines = verdict(summaries)
+  lines = verdict(summaries, f"d={config.model.d_model}")
+  wide, wide_rows = {}, []
+  for scheme in config.wide.schemes:
+    t1 = time.perf_counter()
+    g, a = wide_init_profiles(config, scheme)
+    wide[(scheme, "init")] = summary(scheme, "init", g, a)
+    for i in range(len(g)):
+      wide_rows.append(
+        {
+          "scheme": scheme,
+          "sub_layer": i,
+          "kind": ("attn", "ffn")[i % 2],
+          "grad_norm": float(g[i]),
+          "act_rms": float(a[i]),
+        }  # fmt: skip
+      )
+    print(f"[grad_flow] {scheme} at d={config.wide.model.d_model}: init profile "
+          f"({time.perf_counter() - t1:.0f} s)", flush=True)  # fmt: skip
+  wide_sections = []
+  if wide:
+    wm = config.wide.model
+    common.write_table(
+      os.path.join(workdir, "profiles_wide"),
+      ["scheme", "sub_layer", "kind", "grad_norm", "act_rms"],
+      wide_rows,
+    )
+    wide_md = common.write_table(os.path.join(workdir, "table_wide"), cols, list(wide.values()), 3)
+    lines += verdict(wide, f"d={wm.d_model}")
+    wide_sections.append(
+      (
+        f"At the paper's width, at init (d={wm.d_model})",
+        f"{2 * wm.num_blocks} sub-layers, width {wm.d_model}, FFN {wm.d_ff}, "
+        f"{wm.num_heads}/{wm.num_kv_heads} heads; forward and backward of "
+        f"{config.wide.batch_size} validation sequences of {config.wide.seq_len} tokens at "
+        "init only (no training at this width here). Every value: profiles_wide.csv.\n\n" + wide_md,
+      )
+    )
   seconds = time.perf_counter() - t0
   first = next(iter(profiles.values()))["result"]
   common.write_readme(
@@ -209,6 +251,13 @@ def run(config, workdir: str) -> dict:
     first["fingerprint"],
     [
       (
+        "Rule",
+        f"Per scheme, stage and sub-layer kind (attention, FFN) alike: bottom/top = the weight-"
+        f"gradient norm of the lowest sub-layer of that kind over the highest's, the first "
+        f"block left out; < {VANISH} is 'vanishing' toward the input, > {GROW} 'growing', "
+        "otherwise 'flat'. max/min across depth measures (non-)uniformity.",
+      ),
+      (
         "Profiles (first block left out of the ratios)",
         f"{2 * config.num_blocks} sub-layers, width {config.model.d_model}; averaged over "
         f"{config.profile_batches} validation batches of {config.train.batch_size} × "
@@ -216,7 +265,8 @@ def run(config, workdir: str) -> dict:
         f"{config.train.learning_rate:g}. Every value: profiles.csv.\n\n"
         + table_md
         + "\n![gradient flow](grad_flow.png)",
-      )
+      ),
+      *wide_sections,
     ],
     lines,
     seconds,

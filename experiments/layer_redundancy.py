@@ -57,16 +57,18 @@ def masks(num_sublayers: int, unit: str) -> list[tuple[str, np.ndarray]]:
 
 
 def source_run(config, scheme: str) -> str | None:
-  """The lowest-eval-loss finished seed-0 run of `scheme` at this depth in config.source."""
+  """The lowest-eval-loss finished seed-0 cell of `scheme` at this depth in config.source (a
+  depth_scaling workdir), if its checkpoint is there."""
   if not config.source:
     return None
-  pattern = os.path.join(config.source, common.RUNS, common.run_name(scheme, config.num_blocks))
+  name = f"{scheme}_L{2 * config.num_blocks}_lr*_seed0"
   best, best_loss = None, math.inf
-  for d in paths.glob(pattern + "_lr*"):
-    if "_seed" in os.path.basename(d) or not paths.exists(os.path.join(d, "result.json")):
+  for d in paths.glob(paths.join(config.source, "cells", name)):
+    path = paths.join(d, "cell.json")
+    if not paths.exists(path) or not paths.isdir(paths.join(d, "checkpoints")):
       continue
-    res = common.read_json(os.path.join(d, "result.json"))
-    loss_value = res["final"].get("eval/loss", math.inf) if res["status"] == "ok" else math.inf
+    res = common.read_json(path)
+    loss_value = res["eval"].get("eval/loss", math.inf) if res["status"] == "ok" else math.inf
     if loss_value < best_loss:
       best, best_loss = d, loss_value
   return best

@@ -21,11 +21,25 @@ import numpy as np
 from experiments import common
 
 PAPER = (
-  "Table 1 (warm-up 0 → 5e-2 over 5,000 steps): max LR at 64 / 512 sub-layers is Post-LN "
-  "3.0e-4 / 2.8e-4, DeepNorm 3.5e-4 / 3.5e-4, Mix-LN 8.6e-4 / 3.5e-4, Pre-LN 7.65e-3 / 4.67e-3, "
-  "Keel 1.01e-2 / 6.31e-3: Keel tolerates the largest LR, ~1.3× Pre-LN, and every Post-LN "
-  "variant an order of magnitude less."
+  "Table 1 (arXiv 2601.19895; warm-up 0 → 5e-2 over 5,000 steps): max LR at 64 / 512 "
+  "sub-layers is Post-LN 3.0e-4 / 2.8e-4, DeepNorm 3.5e-4 / 3.5e-4, HybridNorm 4.9e-4 / 3.5e-4, "
+  "Mix-LN 8.6e-4 / 3.5e-4, Pre-LN 7.65e-3 / 4.67e-3, Keel 1.01e-2 / 6.31e-3: Keel tolerates the "
+  "largest LR, ~1.3× Pre-LN, and every Post-LN variant an order of magnitude less."
 )
+# arXiv 2601.19895 Table 1: max tolerable LR by scheme and sub-layers.
+PAPER_TABLE1 = {
+  "post_ln": {64: 3.0e-4, 512: 2.8e-4},
+  "deepnorm": {64: 3.5e-4, 512: 3.5e-4},
+  "hybridnorm": {64: 4.9e-4, 512: 3.5e-4},
+  "mix_ln": {64: 8.6e-4, 512: 3.5e-4},
+  "pre_ln": {64: 7.65e-3, 512: 4.67e-3},
+  "keel": {64: 1.01e-2, 512: 6.31e-3},
+}
+REASONS = {
+  "nonfinite": "non-finite loss",
+  "rise": "unrecovered spike",
+  "plateau": "plateau / slow convergence",
+}
 
 
 def smooth(x: np.ndarray, window: int) -> np.ndarray:
@@ -86,15 +100,18 @@ def detect(config, losses, lrs, window: int) -> dict:
   )
 
 
-def sweep_one(config, workdir: str, scheme: str, num_blocks: int) -> dict:
+def sweep_one(config, workdir: str, scheme: str, num_blocks: int, seed: int = 0) -> dict:
   t = config.train
   cfg = common.run_config(
     config,
     model=dict(residual=scheme, num_blocks=num_blocks),
     # The whole run is warm-up: LR(step) = peak · step / num_steps.
-    train=dict(schedule="constant", warmup_steps=t.num_steps, learning_rate=config.peak_lr),
+    train=dict(
+      schedule="constant", warmup_steps=t.num_steps, learning_rate=config.peak_lr, seed=seed
+    ),
   )
-  run_dir = os.path.join(workdir, common.RUNS, common.run_name(scheme, num_blocks))
+  name = common.run_name(scheme, num_blocks) + (f"_seed{seed}" if seed else "")
+  run_dir = os.path.join(workdir, common.RUNS, name)
   res = common.train_run(cfg, run_dir)
   from keel_jax import metrics
 
@@ -108,13 +125,15 @@ def sweep_one(config, workdir: str, scheme: str, num_blocks: int) -> dict:
   return {
     "scheme": scheme,
     "sub_layers": 2 * num_blocks,
+    "seed": seed,
     "max_lr": found["max_lr"] if found["diverged"] else math.nan,
-    "reason": found["reason"] or "none (≥ peak)",
+    "reason": REASONS.get(found["reason"], "none (≥ peak)"),
     "step": found["index"] + 1,
     "delta": found["delta"],
     "best_loss": float(smooth(np.asarray(losses[: found["index"] + 1]), config.window).min()),
     "steps_run": len(rows),
     "minutes": res["seconds"] / 60,
+    "code": res["code"],
     "losses": losses,
     "lrs": lrs,
     # The same detection with other smoothing windows: how much the answer depends on it.
@@ -123,63 +142,80 @@ def sweep_one(config, workdir: str, scheme: str, num_blocks: int) -> dict:
   }
 
 
+def tolerated(config, r: dict) -> float:
+  """A run's max LR; one that never diverged tolerated at least the peak."""
+  return r["max_lr"] if math.isfinite(r["max_lr"]) else config.peak_lr
+
+
+def seed_lrs(config, results: dict, s: str, d: int) -> list[float]:
+  return [tolerated(config, r) for r in results[(s, d)]]
+
+
 def verdict(config, results: dict) -> list[str]:
+  from scipy import stats as st
+
   depths = sorted(2 * n for n in config.num_blocks)
   res = config.peak_lr / config.train.num_steps
+  n_seeds = len(config.seeds)
   out = [
-    f"LR resolution: {res:.2g} per step (peak {config.peak_lr:g} over {config.train.num_steps} steps)."
+    f"LR resolution: {res:.2g} per step (peak {config.peak_lr:g} over "
+    f"{config.train.num_steps} steps); {n_seeds} seed(s) per cell; a run that never diverged "
+    "counts as tolerating the peak. Seed comparisons: Welch's t-test, two-sided, p < 0.05."
   ]
+  mean = lambda s, d: float(np.mean(seed_lrs(config, results, s, d)))
 
-  def lr(s, d):  # undiverged runs count as tolerating the peak
-    r = results[(s, d)]
-    return r["max_lr"] if math.isfinite(r["max_lr"]) else config.peak_lr
+  def welch(a, b) -> float:
+    if len(a) < 2 or len(b) < 2 or (np.std(a) == 0 and np.std(b) == 0):
+      return 0.0 if np.mean(a) != np.mean(b) and len(a) > 1 else math.nan
+    return float(st.ttest_ind(a, b, equal_var=False).pvalue)
 
   for d in depths:
-    order = sorted(config.schemes, key=lambda s: -lr(s, d))
+    order = sorted(config.schemes, key=lambda s: -mean(s, d))
     out.append(
-      f"{d} sub-layers, largest to smallest max LR: "
-      + " > ".join(f"{s} {lr(s, d):.2g}" for s in order)
+      f"{d} sub-layers, largest to smallest mean max LR (min-max over seeds): "
+      + " > ".join(
+        f"{s} {mean(s, d):.2g} ({min(seed_lrs(config, results, s, d)):.2g}-"
+        f"{max(seed_lrs(config, results, s, d)):.2g})"
+        for s in order
+      )
     )
   if "keel" in config.schemes and "pre_ln" in config.schemes:
-    ok = [d for d in depths if lr("keel", d) > lr("pre_ln", d) + res]
-    tie = [d for d in depths if abs(lr("keel", d) - lr("pre_ln", d)) <= res]
+    parts, beyond = [], []
+    for d in depths:
+      k, p = seed_lrs(config, results, "keel", d), seed_lrs(config, results, "pre_ln", d)
+      pv = welch(k, p)
+      parts.append(f"{np.mean(k) / np.mean(p):.2f}× at {d} (p={pv:.3g})")
+      if np.mean(k) > np.mean(p) + res and pv < 0.05:
+        beyond.append(d)
     out.append(
-      f"Keel tolerates a larger LR than Pre-LN (paper: 1.32× at 64, 1.35× at 512 sub-layers; "
-      f"here, window {config.window}: "
-      + ", ".join(f"{lr('keel', d) / lr('pre_ln', d):.2f}× at {d}" for d in depths)
-      + "): "
-      + (
-        "REPRODUCED at every depth."
-        if len(ok) == len(depths)
-        else f"reproduced at {ok or 'no depth'}; tie (within one step) at {tie or 'no depth'}; "
-        "otherwise NOT reproduced."
-      )
+      "Keel tolerates a larger LR than Pre-LN (paper: 1.32× at 64, 1.35× at 512 sub-layers); "
+      f"here: {', '.join(parts)}. Beyond seed noise at: {beyond or 'no depth'}."
     )
     flips = [
       (d, w)
       for d in depths
       for w in config.check_windows
-      if not results[("keel", d)]["by_window"][w] > results[("pre_ln", d)]["by_window"][w]
+      if not np.mean([r["by_window"][w] for r in results[("keel", d)]])
+      > np.mean([r["by_window"][w] for r in results[("pre_ln", d)]])
     ]
     out.append(
-      "Across smoothing windows "
-      + f"{tuple(config.check_windows)}: "
+      f"Across smoothing windows {tuple(config.check_windows)} (means over seeds): "
       + (
         "Keel > Pre-LN every time (robust)."
         if not flips
         else f"Keel is NOT above Pre-LN for (depth, window) {flips}: not robust at this scale."
       )
     )
-  post = [s for s in ("post_ln", "deepnorm", "mix_ln") if s in config.schemes]
+  post = [s for s in ("post_ln", "deepnorm", "hybridnorm", "mix_ln") if s in config.schemes]
   if post and "keel" in config.schemes:
-    ok = all(lr("keel", d) > lr(s, d) for s in post for d in depths)
+    worse = [(s, d) for s in post for d in depths if not mean("keel", d) > mean(s, d)]
     out.append(
-      f"Keel's max LR exceeds {', '.join(post)} at every depth: "
-      + ("REPRODUCED." if ok else "NOT reproduced.")
+      f"Keel's mean max LR exceeds {', '.join(post)} at every depth: "
+      + ("REPRODUCED." if not worse else f"NOT reproduced (not above for {worse}).")
     )
   if len(depths) > 1:
-    fall = [s for s in config.schemes if lr(s, depths[-1]) < lr(s, depths[0]) - res]
-    out.append(f"Max LR falls with depth (paper: for most schemes) for: {fall or 'none'}.")
+    fall = [s for s in config.schemes if mean(s, depths[-1]) < mean(s, depths[0]) - res]
+    out.append(f"Mean max LR falls with depth (paper: for most schemes) for: {fall or 'none'}.")
   return out
 
 
@@ -189,12 +225,13 @@ def plot(config, results: dict, path: str) -> str:
   fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.8), squeeze=False)
   for ax, d in zip(axes[0], depths, strict=True):
     for i, s in enumerate(config.schemes):
-      r = results[(s, d)]
-      x, y = np.asarray(r["lrs"]), np.asarray(r["losses"])
-      keep = np.isfinite(y) & (x > 0)
-      (line,) = ax.plot(x[keep], smooth(y[keep], config.window), lw=1.2, label=s, color=f"C{i}")
-      if math.isfinite(r["max_lr"]):
-        ax.axvline(r["max_lr"], color=line.get_color(), ls="--", lw=0.8)
+      for j, r in enumerate(results[(s, d)]):  # every seed; the first one labelled
+        x, y = np.asarray(r["lrs"]), np.asarray(r["losses"])
+        keep = np.isfinite(y) & (x > 0)
+        ax.plot(x[keep], smooth(y[keep], config.window), lw=1, color=f"C{i}",
+                label=s if j == 0 else None, alpha=0.8)  # fmt: skip
+        if math.isfinite(r["max_lr"]):
+          ax.axvline(r["max_lr"], color=f"C{i}", ls="--", lw=0.7)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (linear warm-up)")
     ax.set_ylabel("train loss (smoothed)")
@@ -205,34 +242,54 @@ def plot(config, results: dict, path: str) -> str:
 
 def run(config, workdir: str) -> dict:
   t0, env = time.perf_counter(), common.environment()
-  results = {}
+  results: dict[tuple[str, int], list[dict]] = {}
   for num_blocks in sorted(config.num_blocks):
     for scheme in config.schemes:
-      r = sweep_one(config, workdir, scheme, num_blocks)
-      results[(scheme, r["sub_layers"])] = r
-      print(
-        f"[lr_sweep] {scheme} {r['sub_layers']} sub-layers: max LR {r['max_lr']:.3g} "
-        f"({r['reason']}, step {r['step']})",
-        flush=True,
-      )
+      for seed in config.seeds:
+        r = sweep_one(config, workdir, scheme, num_blocks, seed)
+        results.setdefault((scheme, r["sub_layers"]), []).append(r)
+        print(
+          f"[lr_sweep] {scheme} {r['sub_layers']} sub-layers seed {seed}: max LR "
+          f"{r['max_lr']:.3g} ({r['reason']}, step {r['step']})",
+          flush=True,
+        )
   depths = sorted(2 * n for n in config.num_blocks)
-  cell = lambda r: r["max_lr"] if math.isfinite(r["max_lr"]) else f">= {config.peak_lr:g}"
-  table = [
-    {"scheme": s, **{f"{d} sub-layers": cell(results[(s, d)]) for d in depths}}
-    for s in config.schemes
-  ]
-  table_md = common.write_table(
-    os.path.join(workdir, "table"), ["scheme"] + [f"{d} sub-layers" for d in depths], table, 3
-  )
-  cols = ["scheme", "sub_layers", "max_lr", "reason", "step", "delta", "best_loss", "steps_run"]
-  cols.append("minutes")
-  runs_md = common.write_table(os.path.join(workdir, "runs"), cols, list(results.values()))
+
+  def cell(s, d):
+    v = seed_lrs(config, results, s, d)
+    text = f"{np.mean(v):.3g}"
+    if len(v) > 1:
+      text += f" ± {np.std(v, ddof=1):.2g} ({min(v):.3g}-{max(v):.3g})"
+    return text
+
+  def reasons(s, d):
+    counts: dict[str, int] = {}
+    for r in results[(s, d)]:
+      counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return ", ".join(f"{k} ×{n}" for k, n in counts.items())
+
+  table = []
+  for s in config.schemes:
+    row = {"scheme": s}
+    for d in depths:
+      row[f"{d} max LR"] = cell(s, d)
+      row[f"{d} why it stopped"] = reasons(s, d)
+    for d in (64, 512):
+      row[f"paper {d}"] = PAPER_TABLE1.get(s, {}).get(d, "")
+    table.append(row)
+  table_md = common.write_table(os.path.join(workdir, "table"), list(table[0]), table, 3)
+  cols = ["scheme", "sub_layers", "seed", "max_lr", "reason", "step", "delta", "best_loss"]
+  cols += ["steps_run", "minutes", "code"]
+  every = [r for rs in results.values() for r in rs]
+  runs_md = common.write_table(os.path.join(workdir, "runs"), cols, every)
   windows = tuple(config.check_windows)
   sens = [
     {
       "scheme": s,
       "sub_layers": d,
-      **{f"window {w}": results[(s, d)]["by_window"][w] for w in windows},
+      **{
+        f"window {w}": float(np.mean([r["by_window"][w] for r in results[(s, d)]])) for w in windows
+      },
     }
     for d in depths
     for s in config.schemes
@@ -252,23 +309,23 @@ def run(config, workdir: str) -> dict:
     "Maximum tolerable learning rate (Table 1)",
     PAPER,
     env,
-    next(iter(results.values()))["fingerprint"],
+    every[0]["fingerprint"],
     [
       (
-        "Max tolerable LR (>= peak: no divergence)",
+        "Max tolerable LR, mean ± std over seeds (min-max)",
         f"Width {m.d_model}, {t.batch_size} × {config.data.seq_len} tokens per step, LR 0 → "
-        f"{config.peak_lr:g} linearly over {t.num_steps} steps; smoothing window "
-        f"{config.window}, rise tolerance {config.rise_tol} nats, plateau patience "
-        f"{config.patience_fraction:.0%} of the run.\n\n"
-        + table_md
-        + "\n![loss vs LR](lr_curves.png)",
+        f"{config.peak_lr:g} linearly over {t.num_steps} steps, seeds {tuple(config.seeds)}; "
+        f"smoothing window {config.window}, rise tolerance {config.rise_tol} nats, plateau "
+        f"patience {config.patience_fraction:.0%} of the run. 'Why it stopped' counts the "
+        "paper's three reasons over seeds. Paper columns: arXiv 2601.19895 Table 1 (width "
+        "1024, 64 and 512 sub-layers).\n\n" + table_md + "\n![loss vs LR](lr_curves.png)",
       ),
       ("Detection per run", runs_md),
       (
         "Sensitivity to the smoothing window",
-        "The LR at which the smoothed loss stopped improving, for other running-median windows "
-        "(same thresholds); a conclusion that flips here is not robust at this scale.\n\n"
-        + sens_md,
+        "The LR at which the smoothed loss stopped improving (mean over seeds), for other "
+        "running-median windows (same thresholds); a conclusion that flips here is not robust "
+        "at this scale.\n\n" + sens_md,
       ),
     ],
     lines,

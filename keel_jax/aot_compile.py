@@ -5,8 +5,9 @@
 Needs libtpu (`pip install -e ".[tpu]"`); no TPU and no data. The topology's devices come from
 `jax.experimental.topologies`, the mesh and sharding rules from the config, the step from
 `train.make_train_step`. Prints per-device memory from `compiled.memory_analysis()` against the
-chip's HBM; the last stdout line is JSON with topology, num_devices, compile_seconds,
-bytes_per_device, hbm_bytes_per_device and fits.
+chip's HBM, beside the analytic floor (keel_jax.memory_floor); the last stdout line is JSON with
+topology, num_devices, compile_seconds, bytes_per_device, floor_bytes_per_device,
+hbm_bytes_per_device and fits.
 
 The data is never built (a c4-sized corpus need not exist here): the vocabulary size is the
 config's, or derived from the tokenizer settings alone (byte: 256 + specials; sentencepiece: a
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from keel_jax import attention, optimizer, sharding, train
+from keel_jax import attention, memory_floor, optimizer, sharding, train
 
 GiB = 1024**3
 # HBM per chip (vendor figures); memory_analysis() does not report capacity.
@@ -153,6 +154,11 @@ def run(config, topology: str, vocab: int = 0) -> dict:
   """AOT-compiles config's train step for `topology`; prints the memory table, returns the JSON."""
   devices = topology_devices(topology)
   s = setup_without_data(config, devices, vocab or vocab_size(config))
+  if s.model_cfg.remat_policy == "auto":
+    from keel_jax import remat_auto  # it imports this module
+
+    s, choice = remat_auto.choose(s, devices[0])
+    print(choice.summary())
   kind = devices[0].device_kind
   hbm = hbm_bytes(kind)
   cfg = s.model_cfg
@@ -182,6 +188,10 @@ def run(config, topology: str, vocab: int = 0) -> dict:
   for name in ("arguments", "outputs", "aliased", "temporaries", "code", "total"):
     if name in mem:
       print(f"  {name:12s} {mem[name] / GiB:9.3f} GiB")
+  # The floor with the state fully sharded: what no layout of this step can go below.
+  dp = sharding.data_parallel_size(s.mesh, s.rules)
+  floor = memory_floor.floor_bytes(config, cfg, num_params, len(devices), dp)
+  print(f"  {'floor':12s} {floor / GiB:9.3f} GiB  (state sharded over all chips + live carries)")
   hbm_text = f"{hbm / GiB:.1f} GiB" if hbm else "unknown"
   print(f"  {'HBM':12s} {hbm_text:>13s}  → {'fits' if mem['fits'] else 'DOES NOT FIT'}")
   return {
@@ -189,6 +199,7 @@ def run(config, topology: str, vocab: int = 0) -> dict:
     "num_devices": len(devices),
     "compile_seconds": round(seconds, 2),
     "bytes_per_device": mem["total"],
+    "floor_bytes_per_device": floor,
     "hbm_bytes_per_device": hbm,
     "fits": mem["fits"],
   }

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from keel_jax import attention, residual
 from keel_jax.layers import FFN, Attention, Norm, dense, normal, normalize
 
-REMAT_POLICIES = ("none", "full", "branch", "dots", "dots_no_batch", "names")
+# "auto": the trainer picks one of the others by compiled memory (keel_jax.remat_auto).
+REMAT_POLICIES = ("none", "full", "branch", "dots", "dots_no_batch", "names", "auto")
 # Activations tagged with checkpoint_name (layers.py, residual.py), for remat_policy="names".
 REMAT_NAMES = ("query", "key", "value", "attn_heads", "ffn_hidden", "branch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,7 +51,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax, logits and the stream are fp32
   param_dtype: str = "float32"
   scan_layers: bool = True  # False unrolls (same math and parameters, slow to compile)
-  remat_policy: str = "full"  # one of REMAT_POLICIES
+  remat_policy: str = "full"  # one of REMAT_POLICIES; "auto" is resolved by the trainer
   remat_save_names: tuple[str, ...] = ()  # with remat_policy="names": some of REMAT_NAMES
   nested_remat: bool = False  # √L nested remat: keep ~2√L carries instead of L
   attention_impl: str = "auto"  # one of attention.IMPLS; auto → the fastest correct one
@@ -220,6 +221,9 @@ def remat_policy(cfg: ModelConfig):
   cp = jax.checkpoint_policies
   return {
     "full": cp.nothing_saveable,
+    # Not resolved by the trainer: only forward passes (eval, sampling) get here, where no
+    # policy changes the result.
+    "auto": cp.nothing_saveable,
     # Full remat, but each sub-layer's branch output F is kept (one [B, T, D] in the compute
     # dtype per sub-layer): the backward then recomputes neither output projection.
     "branch": cp.save_only_these_names("branch"),

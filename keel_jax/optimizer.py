@@ -1,6 +1,8 @@
 """Optimizer: global-norm clipping, then AdamW with a named learning-rate schedule.
 
 Everything is read from `config.train`; weight decay skips norms, biases and 1-D parameters.
+`mu_dtype` / `nu_dtype` store Adam's moments in bfloat16 (half the optimizer state); the
+update itself is computed in float32.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "wsd", "linear", "rsqrt", "constant")
+MOMENT_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _wsd_decay_steps(t) -> int:
@@ -41,6 +44,12 @@ def validate(t) -> None:
   need(t.eps > 0, f"eps={t.eps} must be > 0")
   need(t.weight_decay >= 0, f"weight_decay={t.weight_decay} must be >= 0")
   need(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+  for name in ("mu_dtype", "nu_dtype"):
+    value = t.get(name, "")
+    need(
+      value in MOMENT_DTYPES,
+      f"{name}={value!r} is unknown; choose one of {list(MOMENT_DTYPES)} ('' = the params')",
+    )
   if t.schedule == "wsd":
     need(0 < t.decay_fraction <= 1, f"decay_fraction={t.decay_fraction} must be in (0, 1]")
     decay = _wsd_decay_steps(t)
@@ -102,12 +111,42 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def store_nu_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`tx` with Adam's second moment stored in `dtype`.
+
+  Optax's Adam has a mu_dtype but no nu_dtype; its update casts the new second moment back
+  to the old one's dtype, so casting it once at init keeps it in `dtype` for good.
+  """
+  if dtype is None:
+    return tx
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+
+  def init(params):
+    cast = lambda s: s._replace(nu=optax.tree.cast(s.nu, dtype)) if is_adam(s) else s
+    return jax.tree.map(cast, tx.init(params), is_leaf=is_adam)
+
+  return optax.GradientTransformation(init, tx.update)
+
+
 def optimizer(t) -> optax.GradientTransformation:
-  """clip_by_global_norm(t.grad_clip) → AdamW(t.b1, t.b2, t.eps, t.weight_decay) at schedule(t)."""
+  """clip_by_global_norm(t.grad_clip) → AdamW(t.b1, t.b2, t.eps, t.weight_decay) at schedule(t),
+  its moments stored in t.mu_dtype / t.nu_dtype ('' = the parameters' dtype)."""
   validate(t)
   # Same state structure with clipping on or off, so a checkpoint restores either way.
   clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
   adamw = optax.adamw(
-    schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask
+    schedule(t),
+    b1=t.b1,
+    b2=t.b2,
+    eps=t.eps,
+    weight_decay=t.weight_decay,
+    mask=decay_mask,
+    mu_dtype=MOMENT_DTYPES[t.get("mu_dtype", "")],
   )
-  return optax.chain(clip, adamw)
+  return optax.chain(clip, store_nu_as(adamw, MOMENT_DTYPES[t.get("nu_dtype", "")]))
+
+
+def state_bytes_per_param(t, param_bytes: int = 4) -> int:
+  """Bytes per parameter of params + grads + Adam's two moments under `t` (the state floor)."""
+  moment = lambda name: jnp.dtype(MOMENT_DTYPES[t.get(name, "")] or jnp.float32).itemsize
+  return 2 * param_bytes + moment("mu_dtype") + moment("nu_dtype")

@@ -364,6 +364,12 @@ def train(config, workdir: str) -> dict:
   check_resumable(workdir, config)
   t = config.train
   lead = jax.process_index() == 0
+  if s.model_cfg.remat_policy == "auto":
+    from keel_jax import remat_auto  # it compiles steps with the AOT code, which imports this
+
+    s, choice = remat_auto.choose(s, s.mesh.devices.flat[0])
+    if lead:
+      print(choice.summary(), flush=True)
   paths.makedirs(workdir)
   if lead:
     paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))

@@ -40,9 +40,10 @@ def test_cli_compiles_smoke_for_v5e():
   )
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(result) == {
-    "topology", "num_devices", "compile_seconds", "bytes_per_device", "hbm_bytes_per_device",
-    "fits",
+    "topology", "num_devices", "compile_seconds", "bytes_per_device", "floor_bytes_per_device",
+    "hbm_bytes_per_device", "fits",
   }  # fmt: skip
+  assert 0 < result["floor_bytes_per_device"] < result["bytes_per_device"]
   assert result["topology"] == "v5e:2x2" and result["num_devices"] == 4
   assert result["hbm_bytes_per_device"] == 16 * GiB
   assert 0 < result["bytes_per_device"] < result["hbm_bytes_per_device"]

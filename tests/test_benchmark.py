@@ -32,21 +32,32 @@ def expected_rows(c) -> set[tuple[str, str]]:
   for depth in c.compile.unrolled_depths:
     rows.add(("compile", f"unrolled L={depth}", "compile_s"))
   d, t = c.step.model["d_model"], c.step.seq_len
-  for impl in c.step.attention_impls:
+  for impl in c.attention_impls:
     rows.add(("attention", impl, "fwd_bwd_ms"))
     rows.add(("attention", impl, "speedup_vs_reference"))
+  for impl in c.step.attention_impls:
     for metric in ("step_ms", "tokens_per_s", "mfu_measured_peak"):
       rows.add(("step", f"keel attention={impl} d={d} T={t}", metric))
-  for metric in ("step_ms", "tokens_per_s", "mfu_measured_peak"):
-    rows.add(("step", f"pre_ln attention=blocked d={d} T={t}", metric))
-  rows.add(("step", "keel/pre_ln attention=blocked", "step_time_ratio"))
+  for residual in ("keel", "pre_ln"):
+    for metric in ("step_ms", "tokens_per_s", "mfu_measured_peak", "step_bytes_mb", "floor_mb",
+                   "dot_generals"):  # fmt: skip
+      rows.add(("step", f"{residual} attention=blocked d={d} T={t}", metric))
+  for metric in ("step_ms", "tokens_per_s", "step_bytes_mb", "floor_mb"):
+    rows.add(("step", f"peer (plain Pre-LN, einsum, no scan, no remat) d={d} T={t}", metric))
+  for metric in ("step_time_ratio", "step_bytes_ratio", "dot_general_ratio"):
+    rows.add(("step", "keel/pre_ln attention=blocked", metric))
+  rows.add(("step", "keel attention=blocked / peer", "tokens_per_s_ratio"))
   for depth in c.memory.depths:
     for policy in c.memory.policies:
-      for metric in ("peak_rss_mb", "step_bytes_mb"):
+      for metric in ("peak_rss_mb", "step_bytes_mb", "floor_mb", "peak_over_floor"):
         rows.add(("memory", f"L={depth} remat={policy}", metric))
   rows.add(("memory", "baseline (runtime only)", "peak_rss_mb"))
-  for metric in ("params_m", "state_floor_mb", "peak_rss_mb", "step_bytes_mb"):
+  for metric in ("params_m", "floor_mb", "peak_rss_mb", "step_bytes_mb", "peak_over_floor"):
     rows.add(("deep", "L=1024", metric))
+  for depth in c.decode.depths:
+    for metric in ("prefill_tokens_per_s", "kv_decode_tokens_per_s", "reforward_tokens_per_s",
+                   "kv_speedup"):  # fmt: skip
+      rows.add(("decode", f"L={depth}", metric))
   return rows
 
 
@@ -57,7 +68,7 @@ def _key(row: dict) -> tuple:
     return (section, metric)
   if section == "attention":
     return (section, case.split()[0], metric)
-  if section == "deep":
+  if section in ("deep", "decode"):
     return (section, case.split()[0], metric)
   return (section, case, metric)
 
@@ -88,9 +99,15 @@ def test_ci_preset(tmp_path):
   nested = values["memory", f"L={deepest} remat=nested", "step_bytes_mb"]
   assert nested < values["memory", f"L={deepest} remat=none", "step_bytes_mb"]
 
+  # Floors are arithmetic: the deep model's is its state (12 B/param with bf16 moments) and more.
+  deep_params = values["deep", "L=1024", "params_m"] * 1e6
+  assert values["deep", "L=1024", "floor_mb"] * 1e6 > 12 * deep_params
+  assert sum(r["section"] == "auto" for r in rows) == len(c.auto.budgets_gb)
+
   with open(tmp_path / "targets.csv") as f:
     targets = list(csv.DictReader(f))
-  assert len(targets) == 4
+  numbered = {t["target"].split(".")[0] for t in targets if t["target"][0].isdigit()}
+  assert numbered == {"1", "2", "3", "4", "5"}  # every target of the performance issue
   for t in targets:
     assert t["result"] in ("PASS", "FAIL") and math.isfinite(float(t["measured"])), t
   md = (tmp_path / "results.md").read_text()

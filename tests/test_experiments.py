@@ -223,7 +223,8 @@ def run_ci(name: str, workdir, xla_cache: str) -> str:
   assert proc.returncode == 0, proc.stderr[-4000:]
   readme = open(os.path.join(workdir, "README.md")).read()
   assert f"experiments.{name} --config=configs/{name}.py:ci" in readme
-  assert "corpus fingerprint: name=pycode" in readme and "## Verdict" in readme
+  data = "arith" if name == "depth_scaling" else "pycode"
+  assert f"corpus fingerprint: name={data}" in readme and "## Verdict" in readme
   for png in [f for f in os.listdir(workdir) if f.endswith(".png")] or ["(none)"]:
     assert os.path.getsize(os.path.join(workdir, png)) < 200_000, png
   return str(workdir)
@@ -236,15 +237,24 @@ def read_csv(workdir, name):
 
 def test_depth_scaling_ci(tmp_path, xla_cache):
   d = run_ci("depth_scaling", tmp_path, xla_cache)
-  assert os.path.exists(os.path.join(d, "depth_vs_loss.png"))
-  sweep = read_csv(d, "sweep")
-  assert {(r["scheme"], r["sub_layers"]) for r in sweep} == {
-    (s, n) for s in ("keel", "pre_ln") for n in ("2", "6")
-  }
+  assert os.path.exists(os.path.join(d, "depth_vs_metric.png"))
+  runs = read_csv(d, "runs")
+  # One LR (ci does not extend its grid), seeds 0 and 1 at it, per scheme and depth.
+  assert sorted((r["scheme"], r["sub_layers"], r["seed"]) for r in runs) == sorted(
+    (s, n, k) for s in ("keel", "pre_ln") for n in ("2", "6") for k in ("0", "1")
+  )
+  assert all(r["status"] == "ok" and r["code"] == "source" and r["commit"] for r in runs)
+  assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in runs)
   table = read_csv(d, "table")
   assert [r["sub_layers"] for r in table] == ["2", "6"]
-  assert all(math.isfinite(float(r["keel loss"])) for r in table)
-  assert len(read_csv(d, "noise")) == 2 * 2  # one extra seed and a spread row per scheme
+  assert all(r["keel loss"].endswith("(n=2)") and r["keel state"] == "done" for r in table)
+  readme = open(os.path.join(d, "README.md")).read()
+  assert "Welch" in readme and "NOT bracketed" in readme  # ci's single LR is a grid edge
+  assert "Nothing: every cell has finished." in readme
+  # Rerun: every cell is reused (nothing retrained), the tables are rewritten identically.
+  before = open(os.path.join(d, "runs.csv")).read()
+  run_ci("depth_scaling", tmp_path, xla_cache)
+  assert open(os.path.join(d, "runs.csv")).read() == before
 
 
 def test_lr_sweep_ci(tmp_path, xla_cache):
@@ -253,6 +263,9 @@ def test_lr_sweep_ci(tmp_path, xla_cache):
   runs = {r["scheme"]: r for r in read_csv(d, "runs")}
   assert set(runs) == {"keel", "pre_ln"}
   assert math.isfinite(float(runs["keel"]["best_loss"])) and int(runs["keel"]["steps_run"]) > 0
+  assert all(r["seed"] == "0" and r["code"] == "source" for r in runs.values())
+  table = read_csv(d, "table")
+  assert all(r["4 why it stopped"] for r in table) and table[0]["paper 64"] == "0.0101"
   sens = read_csv(d, "window_sensitivity")
   assert [r["scheme"] for r in sens] == ["keel", "pre_ln"] and "window 5" in sens[0]
 
@@ -264,6 +277,10 @@ def test_grad_flow_ci(tmp_path, xla_cache):
   keel = [r for r in rows if r["scheme"] == "keel"]
   assert all(float(r["grad_norm"]) > 0 and float(r["act_rms"]) > 0 for r in keel)
   assert len(read_csv(d, "table")) == 4
+  wide = read_csv(d, "table_wide")  # init only, at the wide model's width
+  assert [(r["scheme"], r["stage"]) for r in wide] == [("keel", "init"), ("post_ln", "init")]
+  flows = {r[f"{k} flow"] for r in wide for k in ("attn", "ffn")}
+  assert flows <= {"vanishing", "flat", "growing"}
 
 
 def test_layer_redundancy_ci(tmp_path, xla_cache):

@@ -105,6 +105,8 @@ def test_paper_schedule_from_default_config():
     (dict(eps=0.0), "eps"),
     (dict(weight_decay=-0.1), "weight_decay"),
     (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(mu_dtype="float16"), "mu_dtype"),
+    (dict(nu_dtype="bf16"), "nu_dtype"),
     (dict(schedule="wsd", decay_fraction=0.0), "decay_fraction"),
     (dict(schedule="wsd", warmup_steps=90, decay_fraction=0.2), "warmup_steps"),
   ],
@@ -202,3 +204,26 @@ def test_adamw_matches_reference():
   np.testing.assert_allclose(params["w"], ref["w"]["p"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(params["norm"]["scale"], ref["scale"]["p"], rtol=1e-5, atol=1e-7)
   assert float(lr(0)) == 0.0 and not np.allclose(params["w"], init["w"], atol=1e-4)
+
+
+def test_bf16_moments_stay_bf16_and_track_fp32():
+  """mu_dtype/nu_dtype store both moments in bf16 through updates; the parameters then follow
+  the fp32 run to bf16 precision, and the state floor drops from 16 to 12 bytes per param."""
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)}
+  runs = {}
+  for dtype in ("", "bfloat16"):
+    t = train_cfg(schedule="constant", warmup_steps=0, mu_dtype=dtype, nu_dtype=dtype)
+    tx, p = opt.optimizer(t), params
+    state = tx.init(p)
+    for step in range(5):
+      g = {"w": jnp.asarray(np.random.default_rng(step).normal(size=(4, 8)), jnp.float32)}
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    adam = state[1][0]
+    runs[dtype] = (p["w"], adam.mu["w"].dtype, adam.nu["w"].dtype, opt.state_bytes_per_param(t))
+  assert runs[""][1:] == (jnp.float32, jnp.float32, 16)
+  assert runs["bfloat16"][1:] == (jnp.bfloat16, jnp.bfloat16, 12)
+  moved = np.abs(np.asarray(runs[""][0] - params["w"])).max()
+  diff = np.abs(np.asarray(runs["bfloat16"][0] - runs[""][0])).max()
+  assert 0 < diff < 0.05 * moved  # different rounding, same trajectory

@@ -32,12 +32,16 @@ TINY = (
 # Per experiment: what makes its `cpu` preset a seconds-long run of the same code path.
 EXPERIMENT_SHRINK = {
   "depth_scaling": "--config.schemes=\"('keel',)\" --config.num_blocks='(1,)' "
-  "--config.lrs='(3e-3,)' --config.noise_seeds='()' --config.noise_num_blocks=1",
+  "--config.log10_lrs='(-2.5,)' --config.max_extend=0 --config.seeds='(0,)' "
+  "--config.isolate=False",
   "lr_sweep": "--config.schemes=\"('keel',)\" --config.num_blocks='(1,)' --config.window=3 "
-  "--config.check_windows='(3,)' --config.train.num_steps=12",
-  "grad_flow": "--config.schemes=\"('keel',)\" --config.num_blocks=2 --config.profile_batches=1",
+  "--config.check_windows='(3,)' --config.train.num_steps=12 --config.seeds='(0,)'",
+  "grad_flow": "--config.schemes=\"('keel',)\" --config.num_blocks=2 --config.profile_batches=1 "
+  "--config.wide.schemes=\"('keel',)\" --config.wide.model.d_model=32 "
+  "--config.wide.model.num_heads=2 --config.wide.model.num_kv_heads=1 "
+  "--config.wide.model.d_ff=64 --config.wide.model.num_blocks=2 --config.wide.seq_len=32",
   "layer_redundancy": "--config.num_blocks=2 --config.source='' --config.eval_batches=1",
-  "deep_run": "--config.num_blocks=4",
+  "deep_run": "--config.num_blocks=4 --config.schemes=\"('keel',)\"",
 }
 BENCHMARK_SHRINK = (
   "--config.repeats=1 --config.matmul_sizes='(256,)' --config.compile.scan_depths='(4,8)' "
@@ -45,11 +49,15 @@ BENCHMARK_SHRINK = (
   "--config.compile.model.d_model=32 --config.step.model.d_model=64 "
   "--config.step.model.num_blocks=1 --config.step.seq_len=128 --config.step.batch_size=2 "
   "--config.step.attention_impls=\"('reference','blocked')\" "
+  "--config.attention_impls=\"('reference','blocked')\" "
   "--config.step.extra_remat_policies='()' "
   "--config.memory.model.d_model=32 --config.memory.seq_len=32 --config.memory.batch_size=2 "
   "--config.memory.depths='(4,)' --config.memory.policies=\"('full',)\" "
   "--config.deep.model.d_model=32 --config.deep.model.num_heads=2 "
-  "--config.deep.model.num_kv_heads=1 --config.deep.model.num_blocks=4 --config.deep.seq_len=32"
+  "--config.deep.model.num_kv_heads=1 --config.deep.model.num_blocks=4 --config.deep.seq_len=32 "
+  "--config.deep.moment_dtypes=\"('bfloat16',)\" --config.decode.model.d_model=32 "
+  "--config.decode.depths='(4,)' --config.decode.batch_size=1 --config.decode.prompt_len=4 "
+  "--config.decode.new_tokens=4 --config.decode.bucket=4"
 )
 
 
