@@ -167,7 +167,9 @@ def check_main(command, tmp_path, demo_workdir):
                SLURM_LOCALID="0", SLURM_STEP_NODELIST="localhost")  # fmt: skip
   shrink = TINY
   if "keel_1024" in command:  # C4 and a SentencePiece model are not here: the embedded corpus
-    shrink += " --config.model.num_blocks=2 --config.model.dtype=float32"
+    shrink += (
+      " --config.model.num_blocks=2 --config.model.dtype=float32 --config.train.grad_accum_steps=1"
+    )
     shrink += " --config.data.name=pycode --config.data.tokenizer=byte"
   proc = run(f"{with_workdir(command, workdir)} {shrink}", tmp_path, env)
   assert "eval loss" in proc.stdout + proc.stderr
