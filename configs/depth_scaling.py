@@ -1,6 +1,6 @@
 """Depth scaling (Table 3) at three sizes: ci (tests), cpu (committed results), paper (TPU pods).
 
-  python -m experiments.depth_scaling --config=configs/depth_scaling.py:cpu --workdir=runs/depth_scaling
+  python -m experiments.depth_scaling --config=configs/depth_scaling.py:cpu --workdir=workdirs/depth_scaling
 
 trains the missing cells one after another (resumable: finished cells are skipped), then writes
 runs.csv, table.md, depth_vs_metric.png and README.md into the workdir; add
