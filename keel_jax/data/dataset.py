@@ -256,19 +256,10 @@ class Dataset:
   ) -> list[dict]:
     """The fixed validation set: windows spread evenly over it; rows past its end have weight 0."""
     local = self._check(batch_size, process_index, process_count)
-    total = batch_size * num_batches
-    if total > self.num_val_windows:
-      logging.warning(
-        "validation set has %d sequences; %d of %d eval rows are padding",
-        self.num_val_windows,
-        total - self.num_val_windows,
-        total,
-      )
-    w_BxN = packing.eval_windows(total, self.num_val_windows).reshape(num_batches, batch_size)
-    rows = slice(process_index * local, (process_index + 1) * local)
-    return [
-      packing.gather(self._val, w_N[rows], self.seq_len, self.tokenizer.pad_id) for w_N in w_BxN
-    ]
+    return packing.eval_batches(
+      self._val, self.num_val_windows, batch_size, num_batches, process_index, local,
+      self.seq_len, self.tokenizer.pad_id,
+    )  # fmt: skip
 
   def eval_prompts(self, num: int) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from the validation split (arith only)."""

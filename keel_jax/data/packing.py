@@ -9,6 +9,7 @@ each epoch visits every window once, and each host computes only its own rows.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -101,3 +102,19 @@ def gather(tokens: np.ndarray, windows_N: np.ndarray, seq_len: int, pad_id: int)
     "targets": np.ascontiguousarray(x_NxT[:, 1:]),
     "weights": weights_NxL,
   }
+
+
+def eval_batches(
+  tokens, num_val_windows, batch_size, num_batches, process_index, local, seq_len, pad_id
+) -> list[dict]:
+  """This process's rows of the fixed validation batches: windows spread evenly over the set;
+  rows past its end have weight 0."""
+  total = batch_size * num_batches
+  if total > num_val_windows:
+    logging.warning(
+      "validation set has %d sequences; %d of %d eval rows are padding",
+      num_val_windows, total - num_val_windows, total,
+    )  # fmt: skip
+  w_BxN = eval_windows(total, num_val_windows).reshape(num_batches, batch_size)
+  rows = slice(process_index * local, (process_index + 1) * local)
+  return [gather(tokens, w_N[rows], seq_len, pad_id) for w_N in w_BxN]

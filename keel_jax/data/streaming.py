@@ -14,7 +14,6 @@ Eval reads a fixed subset: the validation split's first documents, up to max_eva
 
 from __future__ import annotations
 
-import logging
 import math
 import platform
 import threading
@@ -173,19 +172,10 @@ class StreamingDataset:
         f"batch_size={batch_size} must be a positive multiple of process_count={process_count}"
       )
     local = batch_size // process_count
-    total = batch_size * num_batches
-    if total > self.num_val_windows:
-      logging.warning(
-        "validation set has %d sequences; %d of %d eval rows are padding",
-        self.num_val_windows,
-        total - self.num_val_windows,
-        total,
-      )
-    w_BxN = packing.eval_windows(total, self.num_val_windows).reshape(num_batches, batch_size)
-    rows = slice(process_index * local, (process_index + 1) * local)
-    return [
-      packing.gather(self._val, w_N[rows], self.seq_len, self.tokenizer.pad_id) for w_N in w_BxN
-    ]
+    return packing.eval_batches(
+      self._val, self.num_val_windows, batch_size, num_batches, process_index, local,
+      self.seq_len, self.tokenizer.pad_id,
+    )  # fmt: skip
 
   def eval_prompts(self, num: int) -> list[tuple[str, str]]:
     raise NotImplementedError(
