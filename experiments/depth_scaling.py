@@ -36,6 +36,7 @@ PAPER_TABLE3 = {
   "keel": {64: 39.6, 128: 46.5, 512: 58.1, 1024: 60.9},
 }
 ALPHA = 0.05  # two-sided significance level of the Welch tests
+RECORDS = "records"  # <results_dir>/records/<cell name>.json
 
 
 def lr_of(log10_lr: float) -> float:
@@ -90,11 +91,18 @@ def accuracy_label(config) -> str | None:
   return "arith exact match" if config.data.name == "arith" else None
 
 
+def records_dir(config, root: str) -> str:
+  """Where aggregation keeps each finished run's record (config, scores, provenance), beside
+  the tables: committed with them, so a sweep resumes on a new machine from a clean root."""
+  return paths.join(config.get("results_dir") or root, RECORDS)
+
+
 class Cells:
-  """Finished cells under root, each checked against the current config and code."""
+  """Finished cells under root (or recorded in the results), checked against config and code."""
 
   def __init__(self, config, root: str):
     self.config, self.root = config, root
+    self.records_dir = records_dir(config, root)
     self.fingerprint_dir = os.path.join(root, "provenance")
     self._now: dict[str, dict] = {}
 
@@ -106,6 +114,9 @@ class Cells:
   def get(self, scheme: str, sub_layers: int, lr: float, seed: int) -> Run:
     name = cell_name(scheme, sub_layers, lr, seed)
     rec = cells.read(self.root, name)
+    if rec is None and self.records_dir:  # finished in another session (committed records)
+      path = paths.join(self.records_dir, f"{name}.json")
+      rec = common.read_json(path) if paths.exists(path) else None
     run = Run(scheme, sub_layers, lr, seed, None)
     cfg = cell_config(self.config, scheme, sub_layers, lr, seed)
     if rec is None or not cells.same_config(rec["config"], cfg.to_dict()):
@@ -115,8 +126,8 @@ class Cells:
       run.record, run.code = rec, "unrecorded"  # trained elsewhere with the plain commands
     elif prov["source_hash"] == provenance.source_hash():
       run.record, run.code = rec, "source"
-    elif provenance.same_behaviour(prov.get("fingerprint"), self.now(scheme)["fingerprint"]):
-      run.record, run.code = rec, "behaviour"
+    elif code := provenance.same_code(prov, self.now(scheme)):
+      run.record, run.code = rec, code
     elif self.config.reuse_stale:
       run.record, run.code = rec, "stale"
     return run
@@ -375,10 +386,14 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
   table = {(c.scheme, c.sub_layers): c for c in cell_list}
   os.makedirs(out_dir, exist_ok=True)
   rows = []
+  records = paths.join(out_dir, RECORDS)
+  paths.makedirs(records)
   for c in cell_list:
     for r in c.grid + c.seeds:
       if r.record is not None:
         rows.append(run_row(config, r, c.best is not None and r.lr == c.best.lr))
+        name = cell_name(r.scheme, r.sub_layers, r.lr, r.seed)
+        paths.write_json(paths.join(records, f"{name}.json"), r.record, indent=1)
   runs_md = common.write_table(os.path.join(out_dir, "runs"), RUN_COLUMNS, rows)
 
   table_rows = []

@@ -130,11 +130,14 @@ def same_behaviour(a, b) -> bool:
 
 
 def same_code(stored: dict | None, now: dict) -> str | None:
-  """'source' if the sources are identical, 'behaviour' if only the numbers match, else None."""
+  """'source' if the sources are identical, 'behaviour' if only the numbers match, else None.
+  A record that kept only the fingerprint's digest (a runs.csv row) is compared by digest."""
   if not stored:
     return None
   if stored.get("source_hash") == now["source_hash"]:
     return "source"
   if same_behaviour(stored.get("fingerprint"), now["fingerprint"]):
+    return "behaviour"
+  if "fingerprint" not in stored and stored.get("fingerprint_hash") == now["fingerprint_hash"]:
     return "behaviour"
   return None
