@@ -20,7 +20,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
   c = experiment.base_fields(size)
   c.compilation_cache = ""  # compile time is one of the results: always compile for real
-  c.schemes = ("keel", "pre_ln", "post_ln")
+  c.sweep.residual = ("keel", "pre_ln", "post_ln")
   c.seeds = (0,)  # every scheme trains with each seed
   c.min_gain = 0.3  # nats below the unigram model's eval loss that count as "trains"
   c.train.update(
@@ -28,19 +28,19 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     diag_every=0,
   )  # fmt: skip
   if size == "ci":
-    c.num_blocks = 64  # 128 sub-layers
+    c.model.num_blocks = 64  # 128 sub-layers
     c.model.update(d_model=32, num_heads=2, num_kv_heads=1)
     c.data.seq_len = 32
     c.train.update(num_steps=6, batch_size=4, warmup_steps=2, log_every=2, eval_batches=1)
-    c.schemes = ("keel",)
+    c.sweep.residual = ("keel",)
     c.min_gain = 0.0
   elif size == "cpu":
-    c.num_blocks = 512  # 1024 sub-layers
+    c.model.num_blocks = 512  # 1024 sub-layers
     c.model.update(d_model=64, num_heads=4, num_kv_heads=2)
     c.data.seq_len = 64
     c.train.update(num_steps=150, batch_size=8, warmup_steps=15, log_every=10)
   else:
-    c.num_blocks = 512
+    c.model.num_blocks = 512
     c.model.update(
       d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072, dtype="bfloat16", remat_policy="full"
     )

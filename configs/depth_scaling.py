@@ -47,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if size == "ci":
     # arith: exercises the exact-match path (its accuracy is at chance at this size).
     c.data.update(name="arith", arith_steps=1, arith_num_problems=2_000)
-    c.schemes = ("keel", "pre_ln")
-    c.num_blocks = (1, 3)  # 2 and 6 sub-layers
+    c.sweep.residual = ("keel", "pre_ln")
+    c.sweep.num_blocks = (1, 3)  # 2 and 6 sub-layers
     c.log10_lrs = (-2.5,)
     c.max_extend = 0
     c.lr_follow_depth = False  # one LR at every depth
@@ -59,8 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.seq_len = 32
     c.train.update(num_steps=20, batch_size=8, warmup_steps=4, log_every=5, eval_batches=2)
   elif size == "cpu":
-    c.schemes = ("keel", "pre_ln", "post_ln")
-    c.num_blocks = (32, 64, 128, 256, 512)  # 64, 128, 256, 512, 1024 sub-layers
+    c.sweep.residual = ("keel", "pre_ln", "post_ln")
+    c.sweep.num_blocks = (32, 64, 128, 256, 512)  # 64, 128, 256, 512, 1024 sub-layers
     c.log10_lrs = (-3.0, -2.5, -2.0)
     c.model.update(d_model=64, num_heads=4, num_kv_heads=2)
     # pycode, not arith: at this budget a width-64 model answers arith at chance (exact match
@@ -69,8 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.seq_len = 64
     c.train.update(num_steps=200, batch_size=16, warmup_steps=20, log_every=10, eval_batches=8)
   else:  # the paper's Table 3 models: width 1024, GQA 16/8, seq 4096, ~190B tokens
-    c.schemes = ("keel", "pre_ln")
-    c.num_blocks = (32, 64, 256, 512)  # 64, 128, 512, 1024 sub-layers
+    c.sweep.residual = ("keel", "pre_ln")
+    c.sweep.num_blocks = (32, 64, 256, 512)  # 64, 128, 512, 1024 sub-layers
     c.log10_lrs = (-2.75, -2.5, -2.25)
     c.log10_lr_step = 0.25
     c.model.update(

@@ -37,6 +37,9 @@ def base_fields(size: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.size = size
   c.model, c.data, c.train, c.mesh = d.model, d.data, d.train, d.mesh
+  # What the experiment varies, each axis named like the config.model field it sets
+  # (residual, num_blocks); a single-depth experiment sets config.model.num_blocks instead.
+  c.sweep = ml_collections.ConfigDict()
   # Persistent XLA cache: runs that differ only in what they train reuse init/eval compiles.
   c.compilation_cache = "~/.cache/keel_jax/xla"  # '' disables
   return c

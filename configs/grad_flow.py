@@ -22,7 +22,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   c.profile_batches = 4  # validation batches the profiles are averaged over
   # Init-only profiles at the paper's width (forward/backward of a few sequences, no training).
   c.wide = ml_collections.ConfigDict()
-  c.wide.schemes = ("keel", "pre_ln", "post_ln", "deepnorm", "hybridnorm", "mix_ln", "sandwich")
+  c.wide.residual = ("keel", "pre_ln", "post_ln", "deepnorm", "hybridnorm", "mix_ln", "sandwich")
   c.wide.model = dict(d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072, num_blocks=32)
   c.wide.batch_size, c.wide.seq_len = 2, 128
   c.train.update(
@@ -30,24 +30,24 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     diag_every=0,
   )  # fmt: skip
   if size == "ci":
-    c.schemes = ("keel", "pre_ln")
-    c.num_blocks = 4
+    c.sweep.residual = ("keel", "pre_ln")
+    c.model.num_blocks = 4
     c.model.update(d_model=32, num_heads=2, num_kv_heads=1)
     c.data.seq_len = 32
     c.train.update(num_steps=10, batch_size=8, warmup_steps=2, log_every=5)
     c.profile_batches = 2
-    c.wide.schemes = ("keel", "post_ln")
+    c.wide.residual = ("keel", "post_ln")
     c.wide.model = dict(d_model=64, num_heads=4, num_kv_heads=2, d_ff=0, num_blocks=4)
     c.wide.seq_len = 32
   elif size == "cpu":
-    c.schemes = ("keel", "pre_ln", "post_ln", "deepnorm")
-    c.num_blocks = 32  # 64 sub-layers
+    c.sweep.residual = ("keel", "pre_ln", "post_ln", "deepnorm")
+    c.model.num_blocks = 32  # 64 sub-layers
     c.model.update(d_model=64, num_heads=4, num_kv_heads=2)
     c.data.seq_len = 64
     c.train.update(num_steps=100, batch_size=8, warmup_steps=10, log_every=10)
   else:
-    c.schemes = ("keel", "pre_ln", "post_ln", "deepnorm", "mix_ln", "sandwich")
-    c.num_blocks = 512
+    c.sweep.residual = ("keel", "pre_ln", "post_ln", "deepnorm", "mix_ln", "sandwich")
+    c.model.num_blocks = 512
     c.model.update(
       d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072, dtype="bfloat16", remat_policy="full"
     )

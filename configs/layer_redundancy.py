@@ -20,26 +20,27 @@ SIZES = depth_scaling.SIZES
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
   c = depth_scaling.get_config(size)  # same models, data and training (validates size)
-  for name in ("num_blocks", "log10_lrs", "log10_lr_step", "max_extend", "lr_follow_depth",
+  del c.sweep["num_blocks"]  # one depth: config.model.num_blocks
+  for name in ("log10_lrs", "log10_lr_step", "max_extend", "lr_follow_depth",
                "seeds", "stop_after_failure", "fail_margin", "cell", "train_missing", "isolate",
                "results_dir", "reuse_stale", "paper_table"):  # fmt: skip
     del c[name]
-  c.schemes = ("keel", "pre_ln")
+  c.sweep.residual = ("keel", "pre_ln")
   c.unit = "sublayer"  # sublayer | block: what one removal takes out
   c.threshold = 0.01  # nats: summary counts the units whose removal costs more
   c.eval_batches = c.train.eval_batches
   if size == "ci":
-    c.num_blocks = 3
+    c.model.num_blocks = 3
     c.data.name = "pycode"  # depth_scaling's ci trains on arith for its exact-match path
     c.source = ""  # no depth_scaling workdir: train here
     c.lrs = (("keel", 3e-3), ("pre_ln", 3e-3))
   elif size == "cpu":
-    c.num_blocks = 64  # 128 sub-layers
+    c.model.num_blocks = 64  # 128 sub-layers
     c.source = "experiments/results/depth_scaling"  # its workdir: best-LR cells reused
     c.lrs = (("keel", 3e-3), ("pre_ln", 3e-3))  # used only if the source has no run
     c.eval_batches = 4  # removals are paired on the same batches: 4 × 16 × 64 tokens suffice
   else:
-    c.num_blocks = 256  # 512 sub-layers
+    c.model.num_blocks = 256  # 512 sub-layers
     c.source = ""  # or the depth_scaling paper workdir (e.g. gs://<bucket>/depth_scaling)
     c.lrs = (("keel", 4.5e-3), ("pre_ln", 3e-3))
   return c

@@ -34,23 +34,23 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     diag_every=0, nonfinite="stop",
   )  # fmt: skip
   if size == "ci":
-    c.schemes = ("keel", "pre_ln")
-    c.num_blocks = (2,)
+    c.sweep.residual = ("keel", "pre_ln")
+    c.sweep.num_blocks = (2,)
     c.model.update(d_model=32, num_heads=2, num_kv_heads=1)
     c.data.seq_len = 32
     c.train.update(num_steps=40, batch_size=8)
     c.window, c.check_windows = 5, (3, 5, 9)
   elif size == "cpu":
-    c.schemes = ("keel", "pre_ln", "post_ln", "deepnorm", "hybridnorm", "mix_ln")
-    c.num_blocks = (8, 32)  # 16 and 64 sub-layers
+    c.sweep.residual = ("keel", "pre_ln", "post_ln", "deepnorm", "hybridnorm", "mix_ln")
+    c.sweep.num_blocks = (8, 32)  # 16 and 64 sub-layers
     c.seeds = (0, 1, 2)
     c.peak_lr = 0.1  # twice the paper's 5e-2: at width 64 that mostly ended in plateaus
     c.model.update(d_model=64, num_heads=4, num_kv_heads=2)
     c.data.seq_len = 64
     c.train.update(num_steps=500, batch_size=8)
   else:
-    c.schemes = ("keel", "pre_ln", "post_ln", "deepnorm", "hybridnorm", "mix_ln")
-    c.num_blocks = (32, 256)  # 64 and 512 sub-layers, as in Table 1
+    c.sweep.residual = ("keel", "pre_ln", "post_ln", "deepnorm", "hybridnorm", "mix_ln")
+    c.sweep.num_blocks = (32, 256)  # 64 and 512 sub-layers, as in Table 1
     c.window, c.check_windows = 251, (101, 251, 501)
     c.model.update(
       d_model=1024, num_heads=16, num_kv_heads=8, d_ff=3072, dtype="bfloat16", remat_policy="full"

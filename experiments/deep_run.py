@@ -48,10 +48,8 @@ class CompileTimer:
 
 
 def train_scheme(config, workdir: str, scheme: str, seed: int = 0) -> dict:
-  cfg = experiment.run_config(
-    config, model=dict(residual=scheme, num_blocks=config.num_blocks), train=dict(seed=seed)
-  )
-  name = common.run_name(scheme, config.num_blocks) + (f"_seed{seed}" if seed else "")
+  cfg = experiment.run_config(config, model=dict(residual=scheme), train=dict(seed=seed))
+  name = common.run_name(scheme, config.model.num_blocks) + (f"_seed{seed}" if seed else "")
   run_dir = os.path.join(workdir, common.RUNS, name)
   # The run's behavioural fingerprint compiles a tiny model: do it before timing compiles.
   provenance.current(scheme, os.path.join(workdir, "provenance"))
@@ -68,7 +66,7 @@ def train_scheme(config, workdir: str, scheme: str, seed: int = 0) -> dict:
     "scheme": scheme,
     "seed": seed,
     "code": res["code"],
-    "sub_layers": residual.sublayers(config.num_blocks),
+    "sub_layers": residual.sublayers(config.model.num_blocks),
     "params_M": info.get("info/num_params", math.nan) / 1e6,
     "status": res["status"],
     "steps": train_rows[-1]["step"] if train_rows else 0,
@@ -153,7 +151,7 @@ def run(config, workdir: str) -> dict:
   t0, env = time.perf_counter(), common.environment()
   rows = []
   unigram = common.unigram_loss(experiment.run_config(config))
-  for scheme, seed in [(s, k) for k in config.seeds for s in config.schemes]:
+  for scheme, seed in [(s, k) for k in config.seeds for s in config.sweep.residual]:
     rows.append(train_scheme(config, workdir, scheme, seed))
     r = rows[-1]
     common.annotate(

@@ -154,8 +154,8 @@ def plan(config, found: Cells, unigram: float) -> list[Cell]:
   step, seeds = config.log10_lr_step, list(config.seeds)
   follow = config.lr_follow_depth
   out, last_best, failed_at, waiting_on = [], {}, {}, {}
-  for sub_layers in sorted(residual.sublayers(n) for n in config.num_blocks):
-    for scheme in config.schemes:
+  for sub_layers in sorted(residual.sublayers(n) for n in config.sweep.num_blocks):
+    for scheme in config.sweep.residual:
       if scheme in failed_at:
         out.append(Cell(scheme, sub_layers, [], [], state="skipped"))
         out[-1].note = f"not run: failed at {failed_at[scheme]} sub-layers"
@@ -254,7 +254,7 @@ def verdict(config, table: dict[tuple[str, int], Cell], depths) -> list[str]:
     f"α = {ALPHA}; a difference is 'beyond seed noise' when p < α. The LR is chosen at seed "
     f"{config.seeds[0]}, which is also one of the seeds averaged."
   ]
-  if "keel" in config.schemes and "pre_ln" in config.schemes:
+  if "keel" in config.sweep.residual and "pre_ln" in config.sweep.residual:
     gaps, beyond, parts = [], [], []
     for d in depths:
       k, p = table[("keel", d)], table[("pre_ln", d)]
@@ -302,7 +302,7 @@ def verdict(config, table: dict[tuple[str, int], Cell], depths) -> list[str]:
           else "Not beyond noise."
         )
       )
-  for s in config.schemes:
+  for s in config.sweep.residual:
     fails = [d for d in depths if table[(s, d)].state in ("failed", "skipped")]
     if fails:
       out.append(f"{s}: fails (or is not run after failing) at {fails} sub-layers.")
@@ -361,7 +361,7 @@ def plot(config, table, depths, path: str) -> str:
     metrics.append(("accuracy", accuracy_label(config)))
   fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics) + 1, 4), squeeze=False)
   axes = axes[0]
-  for s in config.schemes:
+  for s in config.sweep.residual:
     for ax, (metric, _) in zip(axes, metrics, strict=True):
       xs, ys, es = [], [], []
       for d in depths:
@@ -382,7 +382,7 @@ def plot(config, table, depths, path: str) -> str:
 
 
 def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: float, env) -> dict:
-  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.sweep.num_blocks)
   table = {(c.scheme, c.sub_layers): c for c in cell_list}
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -399,7 +399,7 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
   table_rows = []
   for d in depths:
     row = {"sub_layers": d}
-    for s in config.schemes:
+    for s in config.sweep.residual:
       c = table[(s, d)]
       chosen = [c.best] + c.seeds if c.best else []
       # † marks a cell with runs made by other sources (same numbers) or unrecorded code.

@@ -67,8 +67,8 @@ def profile(s, params, batches) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scheme_profiles(config, workdir: str, scheme: str) -> dict:
-  cfg = experiment.run_config(config, model=dict(residual=scheme, num_blocks=config.num_blocks))
-  run_dir = os.path.join(workdir, common.RUNS, common.run_name(scheme, config.num_blocks))
+  cfg = experiment.run_config(config, model=dict(residual=scheme))
+  run_dir = os.path.join(workdir, common.RUNS, common.run_name(scheme, config.model.num_blocks))
   s = train.setup(cfg, run_dir)
   batches = s.dataset.eval_batches(cfg.train.batch_size, config.profile_batches)
   _, _, init_fn = builders.abstract_state(s)
@@ -78,7 +78,7 @@ def scheme_profiles(config, workdir: str, scheme: str) -> dict:
   if res["status"] == "ok":
     out["trained"] = profile(s, restore.load(run_dir).params, batches)
   else:  # a diverged run has no final checkpoint; its profile is the finding
-    nan = np.full(residual.sublayers(config.num_blocks), np.nan)
+    nan = np.full(residual.sublayers(config.model.num_blocks), np.nan)
     out["trained"] = (nan, nan)
   out["result"] = res
   return out
@@ -153,7 +153,7 @@ def verdict(rows: dict, label: str) -> list[str]:
 def plot(config, profiles: dict, path: str) -> str:
   plt = common.pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-  x = np.arange(residual.sublayers(config.num_blocks))
+  x = np.arange(residual.sublayers(config.model.num_blocks))
   for i, (scheme, p) in enumerate(profiles.items()):
     for col, stage in enumerate(("init", "trained")):
       g, a = p[stage]
@@ -172,7 +172,7 @@ def plot(config, profiles: dict, path: str) -> str:
 def run(config, workdir: str) -> dict:
   t0, env = time.perf_counter(), common.environment()
   profiles = {}
-  for scheme in config.schemes:
+  for scheme in config.sweep.residual:
     profiles[scheme] = scheme_profiles(config, workdir, scheme)
     print(f"[grad_flow] {scheme}: done ({profiles[scheme]['result']['status']})", flush=True)
   long_rows, summaries = [], {}
@@ -202,7 +202,7 @@ def run(config, workdir: str) -> dict:
   plot(config, profiles, os.path.join(workdir, "grad_flow.png"))
   lines = verdict(summaries, f"d={config.model.d_model}")
   wide, wide_rows = {}, []
-  for scheme in config.wide.schemes:
+  for scheme in config.wide.residual:
     t1 = time.perf_counter()
     g, a = wide_init_profiles(config, scheme)
     wide[(scheme, "init")] = summary(scheme, "init", g, a)
@@ -255,7 +255,7 @@ def run(config, workdir: str) -> dict:
       ),
       (
         "Profiles (first block left out of the ratios)",
-        f"{residual.sublayers(config.num_blocks)} sub-layers, width {config.model.d_model}; averaged over "
+        f"{residual.sublayers(config.model.num_blocks)} sub-layers, width {config.model.d_model}; averaged over "
         f"{config.profile_batches} validation batches of {config.train.batch_size} × "
         f"{config.data.seq_len}; trained {config.train.num_steps} steps at LR "
         f"{config.train.learning_rate:g}. Every value: profiles.csv.\n\n"

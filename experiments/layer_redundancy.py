@@ -4,7 +4,7 @@
 
 Removing sub-layer l means x_{l+1} = x_l (the model's `sublayer_mask`), so one compiled eval
 function scores every removal. Models come from a depth_scaling workdir (config.source: each
-scheme's best-LR run at config.num_blocks) or, when there is none, are trained here. Writes
+scheme's best-LR run at config.model.num_blocks) or, when there is none, are trained here. Writes
 table.{csv,md} (Δ loss per position), summary.{csv,md}, redundancy.png and README.md.
 """
 
@@ -60,7 +60,7 @@ def source_run(config, scheme: str) -> str | None:
   depth_scaling workdir), if its checkpoint is there."""
   if not config.source:
     return None
-  name = f"{scheme}_L{residual.sublayers(config.num_blocks)}_lr*_seed0"
+  name = f"{scheme}_L{residual.sublayers(config.model.num_blocks)}_lr*_seed0"
   best, best_loss = None, math.inf
   for d in paths.glob(paths.join(config.source, "cells", name)):
     path = paths.join(d, "cell.json")
@@ -81,10 +81,12 @@ def trained_run(config, workdir: str, scheme: str) -> str:
     lr = dict(config.lrs)[scheme]
     cfg = experiment.run_config(
       config,
-      model=dict(residual=scheme, num_blocks=config.num_blocks),
+      model=dict(residual=scheme),
       train=dict(learning_rate=lr),
     )
-    run_dir = os.path.join(workdir, common.RUNS, common.run_name(scheme, config.num_blocks, lr))
+    run_dir = os.path.join(
+      workdir, common.RUNS, common.run_name(scheme, config.model.num_blocks, lr)
+    )
     res = common.train_run(cfg, run_dir)
     if res["status"] != "ok":
       raise RuntimeError(f"{scheme} diverged ({res['error']}); lower config.lrs for it")
@@ -163,7 +165,7 @@ def plot(config, deltas: dict, path: str) -> str:
   ax.set_yscale("symlog", linthresh=1e-3)
   ax.set_xlabel(f"removed {config.unit} (0 = next to the embedding)")
   ax.set_ylabel("Δ eval loss (nats/token)")
-  ax.set_title(f"layer redundancy, {residual.sublayers(config.num_blocks)} sub-layers")
+  ax.set_title(f"layer redundancy, {residual.sublayers(config.model.num_blocks)} sub-layers")
   ax.legend()
   return common.save_figure(fig, path)
 
@@ -171,7 +173,7 @@ def plot(config, deltas: dict, path: str) -> str:
 def run(config, workdir: str) -> dict:
   t0, env = time.perf_counter(), common.environment()
   deltas, summary, fingerprint = {}, [], None
-  for scheme in config.schemes:
+  for scheme in config.sweep.residual:
     base, removed, facts = removal_losses(config, trained_run(config, workdir, scheme))
     fingerprint = facts.pop("fingerprint")
     deltas[scheme] = np.asarray(removed) - base
@@ -211,7 +213,7 @@ def run(config, workdir: str) -> dict:
     [
       (
         "Summary",
-        f"{residual.sublayers(config.num_blocks)} sub-layers; Δ = eval loss with one {config.unit} removed minus "
+        f"{residual.sublayers(config.model.num_blocks)} sub-layers; Δ = eval loss with one {config.unit} removed minus "
         f"the whole model's, over {config.eval_batches} validation batches.\n\n"
         + summary_md
         + "\n![redundancy](redundancy.png)",

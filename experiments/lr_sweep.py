@@ -154,7 +154,7 @@ def seed_lrs(config, results: dict, s: str, d: int) -> list[float]:
 def verdict(config, results: dict) -> list[str]:
   from scipy import stats as st
 
-  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.sweep.num_blocks)
   res = config.peak_lr / config.train.num_steps
   n_seeds = len(config.seeds)
   out = [
@@ -170,7 +170,7 @@ def verdict(config, results: dict) -> list[str]:
     return float(st.ttest_ind(a, b, equal_var=False).pvalue)
 
   for d in depths:
-    order = sorted(config.schemes, key=lambda s: -mean(s, d))
+    order = sorted(config.sweep.residual, key=lambda s: -mean(s, d))
     out.append(
       f"{d} sub-layers, largest to smallest mean max LR (min-max over seeds): "
       + " > ".join(
@@ -179,7 +179,7 @@ def verdict(config, results: dict) -> list[str]:
         for s in order
       )
     )
-  if "keel" in config.schemes and "pre_ln" in config.schemes:
+  if "keel" in config.sweep.residual and "pre_ln" in config.sweep.residual:
     parts, beyond = [], []
     for d in depths:
       k, p = seed_lrs(config, results, "keel", d), seed_lrs(config, results, "pre_ln", d)
@@ -206,25 +206,25 @@ def verdict(config, results: dict) -> list[str]:
         else f"Keel is NOT above Pre-LN for (depth, window) {flips}: not robust at this scale."
       )
     )
-  post = [s for s in ("post_ln", "deepnorm", "hybridnorm", "mix_ln") if s in config.schemes]
-  if post and "keel" in config.schemes:
+  post = [s for s in ("post_ln", "deepnorm", "hybridnorm", "mix_ln") if s in config.sweep.residual]
+  if post and "keel" in config.sweep.residual:
     worse = [(s, d) for s in post for d in depths if not mean("keel", d) > mean(s, d)]
     out.append(
       f"Keel's mean max LR exceeds {', '.join(post)} at every depth: "
       + ("REPRODUCED." if not worse else f"NOT reproduced (not above for {worse}).")
     )
   if len(depths) > 1:
-    fall = [s for s in config.schemes if mean(s, depths[-1]) < mean(s, depths[0]) - res]
+    fall = [s for s in config.sweep.residual if mean(s, depths[-1]) < mean(s, depths[0]) - res]
     out.append(f"Mean max LR falls with depth (paper: for most schemes) for: {fall or 'none'}.")
   return out
 
 
 def plot(config, results: dict, path: str) -> str:
   plt = common.pyplot()
-  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.sweep.num_blocks)
   fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.8), squeeze=False)
   for ax, d in zip(axes[0], depths, strict=True):
-    for i, s in enumerate(config.schemes):
+    for i, s in enumerate(config.sweep.residual):
       for j, r in enumerate(results[(s, d)]):  # every seed; the first one labelled
         x, y = np.asarray(r["lrs"]), np.asarray(r["losses"])
         keep = np.isfinite(y) & (x > 0)
@@ -243,8 +243,8 @@ def plot(config, results: dict, path: str) -> str:
 def run(config, workdir: str) -> dict:
   t0, env = time.perf_counter(), common.environment()
   results: dict[tuple[str, int], list[dict]] = {}
-  for num_blocks in sorted(config.num_blocks):
-    for scheme in config.schemes:
+  for num_blocks in sorted(config.sweep.num_blocks):
+    for scheme in config.sweep.residual:
       for seed in config.seeds:
         r = sweep_one(config, workdir, scheme, num_blocks, seed)
         results.setdefault((scheme, r["sub_layers"]), []).append(r)
@@ -253,7 +253,7 @@ def run(config, workdir: str) -> dict:
           f"{r['max_lr']:.3g} ({r['reason']}, step {r['step']})",
           flush=True,
         )
-  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.sweep.num_blocks)
 
   def cell(s, d):
     v = seed_lrs(config, results, s, d)
@@ -269,7 +269,7 @@ def run(config, workdir: str) -> dict:
     return ", ".join(f"{k} ×{n}" for k, n in counts.items())
 
   table = []
-  for s in config.schemes:
+  for s in config.sweep.residual:
     row = {"scheme": s}
     for d in depths:
       row[f"{d} max LR"] = cell(s, d)
@@ -292,7 +292,7 @@ def run(config, workdir: str) -> dict:
       },
     }
     for d in depths
-    for s in config.schemes
+    for s in config.sweep.residual
   ]
   sens_md = common.write_table(
     os.path.join(workdir, "window_sensitivity"),

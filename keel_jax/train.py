@@ -87,6 +87,7 @@ def setup(config, workdir: str | None, devices=None) -> builders.Setup:
     raise ValueError(f"config.train.nonfinite={t.nonfinite!r}: use 'stop' or 'skip'")
   if t.grad_accum_steps < 1:
     raise ValueError(f"config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
+  # Mesh and batch first: a mistake there fails before a corpus is read.
   builders.mesh_and_rules(config, devices, check_batch=workdir is not None)
   if workdir is not None:
     task_list(config)  # a bad task name or an unprepared dataset fails before training

@@ -197,11 +197,11 @@ def test_configs_build_valid_models_at_every_size(name):
   module = importlib.import_module(f"configs.{name}")
   for size in module.SIZES:
     c = module.get_config(size)
-    assert c.size == size and c.schemes
-    blocks = c.num_blocks if isinstance(c.num_blocks, int) else max(c.num_blocks)
-    for scheme in c.schemes:
-      run = experiment.run_config(c, model=dict(residual=scheme, num_blocks=blocks))
-      ModelConfig.from_dict({**run.model.to_dict(), "vocab_size": 256})
+    assert c.size == size and c.sweep.residual
+    for blocks in c.sweep.get("num_blocks", (c.model.num_blocks,)):
+      for scheme in c.sweep.residual:
+        run = experiment.run_config(c, model=dict(residual=scheme, num_blocks=blocks))
+        ModelConfig.from_dict({**run.model.to_dict(), "vocab_size": 256})
   with pytest.raises(ValueError, match="unknown size"):
     module.get_config("huge")
 

@@ -31,17 +31,19 @@ TINY = (
 )
 # Per experiment: what makes its `cpu` preset a seconds-long run of the same code path.
 EXPERIMENT_SHRINK = {
-  "depth_scaling": "--config.schemes=\"('keel',)\" --config.num_blocks='(1,)' "
+  "depth_scaling": "--config.sweep.residual=\"('keel',)\" --config.sweep.num_blocks='(1,)' "
   "--config.log10_lrs='(-2.5,)' --config.max_extend=0 --config.seeds='(0,)' "
   "--config.isolate=False",
-  "lr_sweep": "--config.schemes=\"('keel',)\" --config.num_blocks='(1,)' --config.window=3 "
-  "--config.check_windows='(3,)' --config.train.num_steps=12 --config.seeds='(0,)'",
-  "grad_flow": "--config.schemes=\"('keel',)\" --config.num_blocks=2 --config.profile_batches=1 "
-  "--config.wide.schemes=\"('keel',)\" --config.wide.model.d_model=32 "
+  "lr_sweep": "--config.sweep.residual=\"('keel',)\" --config.sweep.num_blocks='(1,)' "
+  "--config.window=3 --config.check_windows='(3,)' --config.train.num_steps=12 "
+  "--config.seeds='(0,)'",
+  "grad_flow": "--config.sweep.residual=\"('keel',)\" --config.model.num_blocks=2 "
+  "--config.profile_batches=1 "
+  "--config.wide.residual=\"('keel',)\" --config.wide.model.d_model=32 "
   "--config.wide.model.num_heads=2 --config.wide.model.num_kv_heads=1 "
   "--config.wide.model.d_ff=64 --config.wide.model.num_blocks=2 --config.wide.seq_len=32",
-  "layer_redundancy": "--config.num_blocks=2 --config.source='' --config.eval_batches=1",
-  "deep_run": "--config.num_blocks=4 --config.schemes=\"('keel',)\"",
+  "layer_redundancy": "--config.model.num_blocks=2 --config.source='' --config.eval_batches=1",
+  "deep_run": "--config.model.num_blocks=4 --config.sweep.residual=\"('keel',)\"",
 }
 BENCHMARK_SHRINK = (
   "--config.repeats=1 --config.matmul_sizes='(256,)' --config.compile.scan_depths='(4,8)' "
