@@ -11,14 +11,14 @@ paper: configs/keel_1024.py's model (width 1024, 1024 sub-layers) on C4; never r
 
 import ml_collections
 
-from experiments import common
+from configs import experiment
 
-SIZES = common.SIZES
+SIZES = experiment.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  c = common.base_fields(size)
+  c = experiment.base_fields(size)
   c.compilation_cache = ""  # compile time is one of the results: always compile for real
   c.schemes = ("keel", "pre_ln", "post_ln")
   c.seeds = (0,)  # every scheme trains with each seed
@@ -49,6 +49,6 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       num_steps=60_000, batch_size=1024, grad_accum_steps=4, learning_rate=4.5e-3,
       warmup_steps=2_500, log_every=50, eval_every=2_000, eval_batches=16, checkpoint_every=1_000,
     )  # fmt: skip
-    c.train.update(task_eval_every=c.train.num_steps, tasks=common.PAPER_TASKS, task_limit=0)
+    c.train.update(task_eval_every=c.train.num_steps, tasks=experiment.PAPER_TASKS, task_limit=0)
     c.mesh.shape = (1, -1, 1)
   return c

@@ -18,14 +18,15 @@ width-1024 models on C4 (64 → 1024 sub-layers); a correct config for a pod, ne
 
 import ml_collections
 
-from experiments import common
+from configs import experiment
+from keel_jax import residual
 
-SIZES = common.SIZES
+SIZES = experiment.SIZES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size, *cell = (arg or "ci").split(",")
-  c = common.base_fields(size)
+  c = experiment.base_fields(size)
   c.cell = ""  # '<scheme>,<sub_layers>,<lr>,<seed>': train only that cell (see experiments/cells)
   c.train_missing = size != "paper"  # False: aggregate finished cells and list the missing ones
   c.results_dir = ""  # tables, plot and README go here ('' → the workdir)
@@ -88,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
     )
     # The downstream suite at the end of each run: its average is the table's accuracy column.
-    c.train.update(task_eval_every=c.train.num_steps, tasks=common.PAPER_TASKS, task_limit=0)
+    c.train.update(task_eval_every=c.train.num_steps, tasks=experiment.PAPER_TASKS, task_limit=0)
     c.mesh.shape = (1, -1, 1)  # FSDP over the whole slice
   if cell:
     return cell_config(c, *cell)
@@ -97,10 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def cell_config(c, scheme: str, sub_layers: str, lr: str, seed: str) -> ml_collections.ConfigDict:
   """One cell's training config: what keel_jax.main trains."""
-  if int(sub_layers) % 2:
-    raise ValueError(f"sub_layers={sub_layers} must be even (attention + FFN per block)")
-  return common.run_config(
+  return experiment.run_config(
     c,
-    model=dict(residual=scheme, num_blocks=int(sub_layers) // 2),
+    model=dict(residual=scheme, num_blocks=residual.blocks(sub_layers)),
     train=dict(learning_rate=float(lr), seed=int(seed)),
   )

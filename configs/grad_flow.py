@@ -11,14 +11,14 @@ only. paper: width 1024 at 1024 sub-layers on C4 (profiles after a short run); n
 
 import ml_collections
 
-from experiments import common
+from configs import experiment
 
-SIZES = common.SIZES
+SIZES = experiment.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  c = common.base_fields(size)
+  c = experiment.base_fields(size)
   c.profile_batches = 4  # validation batches the profiles are averaged over
   # Init-only profiles at the paper's width (forward/backward of a few sequences, no training).
   c.wide = ml_collections.ConfigDict()

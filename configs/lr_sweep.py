@@ -12,14 +12,14 @@ sub-layers, 40 steps: the pipeline only. paper: the paper's setting (width 1024,
 
 import ml_collections
 
-from experiments import common
+from configs import experiment
 
-SIZES = common.SIZES
+SIZES = experiment.SIZES
 
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   size = size or "ci"
-  c = common.base_fields(size)
+  c = experiment.base_fields(size)
   c.peak_lr = 5e-2  # the paper's warm-up target
   c.seeds = (0,)
   # Divergence detection (see experiments/lr_sweep.py: divergence).

@@ -38,7 +38,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import default
-from keel_jax import aot_compile, attention, flops, loss, memory_floor, remat_auto, sample, train
+from keel_jax import attention, builders, flops, loss, memory_floor, remat_auto, residual, sample
+from keel_jax import steps as train_steps
+from keel_jax.compiled import memory_report
 from keel_jax.model import LM
 
 MB = 1e6
@@ -50,48 +52,41 @@ COLUMNS = ("section", "case", "metric", "value", "unit")
 
 def make_setup(
   model_overrides: dict, seq_len: int, batch_size: int, train_overrides: dict | None = None
-) -> train.Setup:
+) -> builders.Setup:
   """A one-device Setup with the overrides on configs/default.py (no dataset is built)."""
   config = default.get_config()
   config.model.update(model_overrides)
   config.data.seq_len = seq_len
   config.train.update(batch_size=batch_size, diag_every=0, grad_accum_steps=1)
   config.train.update(train_overrides or {})
-  return aot_compile.setup_without_data(config, jax.devices()[:1], aot_compile.vocab_size(config))
+  return builders.setup(config, jax.devices()[:1])
 
 
-def init_state(s: train.Setup, abstract: bool = False):
-  """{step, params, opt_state} on one device; unsharded, so any stack layout works."""
-  lm = LM(s.model_cfg)
-  tokens = jnp.zeros((1, s.config.data.seq_len), jnp.int32)
-
-  def init(rng):
-    params = nn.unbox(lm.init(rng, tokens)["params"])
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": s.tx.init(params)}
-
-  rng = jax.random.key(0)
-  return jax.eval_shape(init, rng) if abstract else jax.jit(init)(rng)
+def init_state(s: builders.Setup, abstract: bool = False):
+  """{step, params, opt_state} on one device (the trainer's init), or its shapes."""
+  shapes, _, init_fn = builders.abstract_state(s)
+  return shapes if abstract else jax.jit(init_fn)(jax.random.key(0))
 
 
-def make_batch(s: train.Setup, seed: int = 0) -> dict:
+def make_batch(s: builders.Setup, seed: int = 0) -> dict:
   shape = (s.config.train.batch_size, s.config.data.seq_len)
   tokens = jax.random.randint(jax.random.key(seed), shape, 0, s.model_cfg.vocab_size)
   return {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.ones(shape)}
 
 
-def compile_step(s: train.Setup):
+def compile_step(s: builders.Setup):
   """(compiled train step, seconds to trace, lower and compile it)."""
   state, batch = init_state(s, abstract=True), jax.eval_shape(lambda: make_batch(s))
   t0 = time.perf_counter()
-  compiled = jax.jit(train.make_train_step(s), donate_argnums=0).lower(state, batch).compile()
+  compiled = jax.jit(train_steps.make_train_step(s), donate_argnums=0).lower(state, batch).compile()
   return compiled, time.perf_counter() - t0
 
 
-def num_params(s: train.Setup) -> int:
+def num_params(s: builders.Setup) -> int:
   return sum(math.prod(a.shape) for a in jax.tree.leaves(init_state(s, abstract=True)["params"]))
 
 
-def floor_bytes(s: train.Setup, params: int) -> int:
+def floor_bytes(s: builders.Setup, params: int) -> int:
   return memory_floor.floor_bytes(s.config, s.model_cfg, params)
 
 
@@ -118,17 +113,9 @@ def timed(fn, *args) -> float:
 # ---------------------------------------------------------------- sections
 
 
-def matmul_chain(n: int, repeats: int = 10):
-  """(jitted chain of `repeats` n×n fp32 matmuls, its input, its FLOPs)."""
-  a = jnp.ones((n, n), jnp.float32) / n
-  f = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda _, y: y @ a, x))
-  f(a).block_until_ready()
-  return f, a, 2 * n**3 * repeats
-
-
 def bench_device(c, rows):
   """The measured matmul peak; bench_steps re-measures it between steps and keeps the best."""
-  chains = [matmul_chain(n) for n in c.matmul_sizes]
+  chains = [flops.matmul_chain(n) for n in c.matmul_sizes]
   best = max(fl / min(timed(f, a) for _ in range(3)) for f, a, fl in chains)
   return {"chains": chains, "best": best}
 
@@ -148,7 +135,7 @@ def bench_compile(c, rows):
   cases = {}
   for scan, depths in ((True, c.compile.scan_depths), (False, c.compile.unrolled_depths)):
     for depth in depths:
-      model = {**c.compile.model, "num_blocks": depth // 2, "scan_layers": scan}
+      model = {**c.compile.model, "num_blocks": residual.blocks(depth), "scan_layers": scan}
       cases[f"{'scan' if scan else 'unrolled'} L={depth}"] = model
   best = {case: float("inf") for case in cases}
   for r in range(c.compile.repeats):
@@ -242,7 +229,7 @@ class PeerLM(nn.Module):
     )
 
 
-def compile_peer_step(s: train.Setup):
+def compile_peer_step(s: builders.Setup):
   """PeerLM at s's width, depth, heads and vocabulary, with s's optimizer; its MLP is 4·d wide,
   so its 12·d² parameters per block equal ours (3·d² of GQA attention, 9·d² of SwiGLU).
 
@@ -291,8 +278,8 @@ def bench_steps(c, rows, peak: dict):
     variants += [(r, auto, remat) for r in c.step.residuals if (r, auto, remat) not in variants]
   steps, states, facts = {}, {}, {}
   for v in variants:
-    residual, impl, remat = v
-    overrides = {**c.step.model, "residual": residual, "attention_impl": impl}
+    scheme, impl, remat = v
+    overrides = {**c.step.model, "residual": scheme, "attention_impl": impl}
     if remat:
       overrides["remat_policy"] = remat
     s = make_setup(overrides, c.step.seq_len, c.step.batch_size)
@@ -300,9 +287,9 @@ def bench_steps(c, rows, peak: dict):
     states[v] = (init_state(s), make_batch(s))
     params = num_params(s)
     facts[v] = dict(step_bytes=step_bytes(steps[v]), floor=floor_bytes(s, params), params=params)
-    if residual in ("keel", "pre_ln") and impl == auto:
+    if scheme in ("keel", "pre_ln") and impl == auto:
       abstract = init_state(s, abstract=True), jax.eval_shape(lambda s=s: make_batch(s))
-      facts[v]["dots"] = count_dots(jax.make_jaxpr(train.make_train_step(s))(*abstract).jaxpr)
+      facts[v]["dots"] = count_dots(jax.make_jaxpr(train_steps.make_train_step(s))(*abstract).jaxpr)
   if c.step.peer:
     v = ("peer", "einsum", "none")
     variants.append(v)
@@ -356,11 +343,11 @@ def bench_steps(c, rows, peak: dict):
     rows.append(("step", f"keel attention={auto} / peer", "tokens_per_s_ratio", ratio, "x"))
 
 
-def step_case(c, residual: str, impl: str, remat: str) -> str:
+def step_case(c, scheme: str, impl: str, remat: str) -> str:
   shape = f"d={c.step.model['d_model']} T={c.step.seq_len}"
-  if residual == "peer":
+  if scheme == "peer":
     return f"peer (plain Pre-LN, einsum, no scan, no remat) {shape}"
-  return f"{residual} attention={impl}" + (f" remat={remat}" if remat else "") + f" {shape}"
+  return f"{scheme} attention={impl}" + (f" remat={remat}" if remat else "") + f" {shape}"
 
 
 def memory_point(spec: dict) -> dict:
@@ -381,12 +368,10 @@ def memory_point(spec: dict) -> dict:
   return out
 
 
-def step_bytes(compiled) -> int:
-  """XLA's buffers for one step: arguments + outputs − donated + temporaries."""
-  m = compiled.memory_analysis()
-  return (
-    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  )
+def step_bytes(executable) -> int:
+  """XLA's buffers for one step (what AOT compilation reports): arguments + outputs − donated +
+  temporaries + code."""
+  return memory_report(executable, None)["total"]
 
 
 def peak_rss_bytes() -> int:
@@ -445,7 +430,7 @@ def bench_memory(c, rows) -> list[dict]:
   specs = {}
   for depth in c.memory.depths:
     for policy in c.memory.policies:
-      model_overrides = {**c.memory.model, "num_blocks": depth // 2, **_remat(policy)}
+      model_overrides = {**c.memory.model, "num_blocks": residual.blocks(depth), **_remat(policy)}
       spec = dict(model=model_overrides, seq_len=c.memory.seq_len, batch_size=c.memory.batch_size)
       specs[f"L={depth} remat={policy}"] = spec
   if rss:
@@ -487,7 +472,11 @@ def bench_auto(c, rows) -> dict:
 
   Each candidate is compiled once and its step bytes reused across budgets.
   """
-  overrides = {**c.memory.model, "num_blocks": max(c.memory.depths) // 2, "remat_policy": "auto"}
+  overrides = {
+    **c.memory.model,
+    "num_blocks": residual.blocks(max(c.memory.depths)),
+    "remat_policy": "auto",
+  }
   needed = {}
 
   def measure(s, backend):
@@ -517,7 +506,7 @@ def bench_auto(c, rows) -> dict:
 def decode_point(c, depth: int) -> tuple[float, float, float]:
   """(prefill, KV-cache decode, re-forward) tokens/s at `depth` sub-layers."""
   d = c.decode
-  s = make_setup({**d.model, "num_blocks": depth // 2}, d.prompt_len, d.batch_size)
+  s = make_setup({**d.model, "num_blocks": residual.blocks(depth)}, d.prompt_len, d.batch_size)
   cfg = dataclasses.replace(s.model_cfg, remat_policy="none")
   lm = LM(cfg)
   prompt_BxP = jax.random.randint(jax.random.key(1), (d.batch_size, d.prompt_len), 0, 256)
@@ -670,9 +659,10 @@ def markdown(c, rows, target_rows, seconds) -> str:
   memory = (
     "peak_rss = peak RSS (VmHWM) of a fresh process per point, JAX runtime and compilation "
     "included; step_bytes = compiled.memory_analysis() of the step (args + outputs − donated "
-    "+ temporaries)"
+    "+ temporaries + code)"
     if c.memory.method == "rss"
-    else "step_bytes = compiled.memory_analysis(): arguments + outputs − donated + temporaries"
+    else "step_bytes = compiled.memory_analysis(): arguments + outputs − donated + temporaries + "
+    "code"
   )
   load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
   lines = [

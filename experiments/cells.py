@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 
-from experiments import common, provenance
-from keel_jax import metrics, paths
+from experiments import provenance
+from keel_jax import evaluate, metrics, paths
+from keel_jax import train as trainer
 
 CELLS = "cells"  # <root>/cells/<name>/: one workdir per cell
 # Config fields that change no trained number: a run that differs only in these is reused.
@@ -64,16 +65,16 @@ def read(root: str, name: str) -> dict | None:
   d = cell_dir(root, name)
   path = paths.join(d, "cell.json")
   if paths.exists(path):
-    return common.read_json(path)
+    return paths.read_json(path)
   cfg_path = paths.join(d, "config.json")
   if not paths.exists(cfg_path):
     return None
-  config = common.read_json(cfg_path)
+  config = paths.read_json(cfg_path)
   report = paths.join(d, f"eval_step_{config['train']['num_steps']}.json")
   if not paths.exists(report):
     return None
   # Trained elsewhere with the plain commands: no wall time or provenance was recorded.
-  scores = {**common.read_json(report), **task_scores(d)}
+  scores = {**paths.read_json(report), **task_scores(d)}
   return {"status": "ok", "config": config, "eval": scores, "seconds": None}
 
 
@@ -101,9 +102,6 @@ def commands(config_arg: str, root: str, name: str, num_prompts: int) -> str:
 
 def train(config, root: str, name: str, num_prompts: int, fingerprint_dir: str) -> dict:
   """Trains and scores one cell here, in this process, and writes its cell.json."""
-  from keel_jax import evaluate
-  from keel_jax import train as trainer
-
   d = cell_dir(root, name)
   finished = paths.exists(paths.join(d, "cell.json"))
   if finished and not paths.is_remote(d):  # made by other config or code: kept aside

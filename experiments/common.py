@@ -20,10 +20,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import flax
+import jax
 import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from configs import default
-from keel_jax import paths
+from experiments import cells, provenance
+from keel_jax import data, paths, residual, train
+from keel_jax.metrics import quiet_libraries
 
 RUNS = "runs"  # per-run subdirectories (checkpoints, metrics); ignored by git
 _run_seconds: list[float] = []  # training time of every run returned, reused ones included
@@ -32,46 +38,12 @@ _run_seconds: list[float] = []  # training time of every run returned, reused on
 # ---------------------------------------------------------------- configs
 
 
-def run_config(exp, *, model: dict | None = None, train: dict | None = None):
-  """The experiment's model/data/train/mesh sections, then `model`/`train` overrides."""
-  c = default.get_config()
-  c.model.update(dict(exp.model))
-  c.data.update(dict(exp.data))
-  c.train.update(dict(exp.train))
-  c.mesh.update(dict(exp.mesh))
-  c.model.update(model or {})
-  c.train.update(train or {})
-  return c
-
-
-# Downstream suite the `paper` sizes score at the end of each run (keel_jax.tasks names). The paper
-# averages 14 benchmarks (arXiv 2601.19895, Table 3); these are the multiple-choice ones available
-# in TFDS, which score on every host of a pod slice (generative tasks run on one host only).
-PAPER_TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,openbookqa,boolq"
-
-SIZES = ("ci", "cpu", "paper")  # every experiment's sizes: tests, committed results, TPU pods
-
-
-def base_fields(size: str) -> ml_collections.ConfigDict:
-  """Fields every experiment config has: `size` (checked), configs/default.py's sections (each
-  run starts from them, so --config.train.x=... works for any field) and the XLA cache."""
-  if size not in SIZES:
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
-  d = default.get_config()
-  c = ml_collections.ConfigDict()
-  c.size = size
-  c.model, c.data, c.train, c.mesh = d.model, d.data, d.train, d.mesh
-  # Persistent XLA cache: runs that differ only in what they train reuse init/eval compiles.
-  c.compilation_cache = "~/.cache/keel_jax/xla"  # '' disables
-  return c
-
-
 def fmt_lr(lr: float) -> str:
   return f"{lr:.3g}"
 
 
-def run_name(residual: str, num_blocks: int, lr: float | None = None) -> str:
-  name = f"{residual}_L{2 * num_blocks}"
+def run_name(scheme: str, num_blocks: int, lr: float | None = None) -> str:
+  name = f"{scheme}_L{residual.sublayers(num_blocks)}"
   return name if lr is None else f"{name}_lr{fmt_lr(lr)}"
 
 
@@ -87,9 +59,6 @@ def train_run(config, run_dir: str) -> dict:
   'behaviour' (older sources, same numbers). A NaN/Inf step under config.train.nonfinite='stop'
   is a result here, not a failure.
   """
-  from experiments import cells, provenance
-  from keel_jax import train
-
   done = paths.join(run_dir, "result.json")
   config_json = config.to_json_best_effort(sort_keys=True)
   # Fingerprints are cached beside runs/: each code version trains them once per scheme.
@@ -149,15 +118,11 @@ def finite(x) -> bool:
 def unigram_loss(config) -> float:
   """Eval loss of the best context-free model: validation tokens scored by training-token
   frequencies (add-one smoothed). A run near it has learned only token frequencies."""
-  import numpy as np
-
-  from keel_jax import data
-
   ds = data.make(config.data)
   vocab = ds.tokenizer.vocab_size
-  train = np.bincount(np.asarray(ds._train).ravel(), minlength=vocab) + 1.0
+  seen = np.bincount(np.asarray(ds._train).ravel(), minlength=vocab) + 1.0
   val = np.bincount(np.asarray(ds._val).ravel(), minlength=vocab)
-  return float(-(val * np.log(train / train.sum())).sum() / val.sum())
+  return float(-(val * np.log(seen / seen.sum())).sum() / val.sum())
 
 
 # ---------------------------------------------------------------- where and how it ran
@@ -165,8 +130,6 @@ def unigram_loss(config) -> float:
 
 def environment() -> dict:
   """Command, date, machine, library versions: written beside every table."""
-  import flax
-  import jax
 
   cpu = platform.processor() or platform.machine()
   try:
@@ -279,19 +242,12 @@ def write_readme(
 
 def main(run: Callable[[ml_collections.ConfigDict, str], dict]) -> None:
   """`python -m experiments.<name> --config=configs/<name>.py:<size> --workdir=<dir>`."""
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/x.py:cpu.")
   flags.DEFINE_string("workdir", None, "Tables, plots, README.md and runs/ go here.")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
     del argv
-    import jax
-
-    from keel_jax.metrics import quiet_libraries
-
     quiet_libraries()
     config = flags.FLAGS.config
     if config.compilation_cache:

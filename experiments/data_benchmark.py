@@ -19,11 +19,13 @@ import os
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from configs import default
-from keel_jax import data, train
+from keel_jax import builders, data, train
+from keel_jax.data import sources
 
 
 def pipeline_rate(ds, batch_size: int, seconds: float) -> float:
@@ -39,12 +41,10 @@ def pipeline_rate(ds, batch_size: int, seconds: float) -> float:
 def step_rate(config, ds, steps: int = 3) -> float:
   """Tokens/s the jitted train step consumes at this config's batch shape (after compiling)."""
   s = train.setup(config, workdir=None)
-  _, shardings, init_fn = train.abstract_state(s)
-  import flax.linen as nn
-
+  _, shardings, init_fn = builders.abstract_state(s)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
-    step_fn = jax.jit(train.make_train_step(s), donate_argnums=0)
+    step_fn = jax.jit(steps.make_train_step(s), donate_argnums=0)
     batch = ds.train_batch(0, config.train.batch_size)
     state, out = step_fn(state, batch)
     jax.block_until_ready(out)
@@ -57,8 +57,6 @@ def step_rate(config, ds, steps: int = 3) -> float:
 
 def c4_like_docs(num_docs: int, seed: int = 0) -> list[str]:
   """Documents with c4/en-like lengths, cut from English prose (or Python source)."""
-  from keel_jax.data import sources
-
   try:
     text = "".join(t for _, t in sources.kjv_chapters(sources._kjv_db_path()))
   except ValueError:  # the prose extra is missing

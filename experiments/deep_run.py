@@ -16,7 +16,9 @@ import time
 import jax
 import numpy as np
 
-from experiments import common
+from configs import experiment
+from experiments import common, provenance
+from keel_jax import metrics, residual
 
 PAPER = (
   "arXiv 2601.19895 ('1000+ layers', Table 3 at 1024 sub-layers): a 1024-sub-layer (512-block) "
@@ -46,15 +48,11 @@ class CompileTimer:
 
 
 def train_scheme(config, workdir: str, scheme: str, seed: int = 0) -> dict:
-  from keel_jax import metrics
-
-  cfg = common.run_config(
+  cfg = experiment.run_config(
     config, model=dict(residual=scheme, num_blocks=config.num_blocks), train=dict(seed=seed)
   )
   name = common.run_name(scheme, config.num_blocks) + (f"_seed{seed}" if seed else "")
   run_dir = os.path.join(workdir, common.RUNS, name)
-  from experiments import provenance
-
   # The run's behavioural fingerprint compiles a tiny model: do it before timing compiles.
   provenance.current(scheme, os.path.join(workdir, "provenance"))
   with CompileTimer() as timer:
@@ -70,7 +68,7 @@ def train_scheme(config, workdir: str, scheme: str, seed: int = 0) -> dict:
     "scheme": scheme,
     "seed": seed,
     "code": res["code"],
-    "sub_layers": 2 * config.num_blocks,
+    "sub_layers": residual.sublayers(config.num_blocks),
     "params_M": info.get("info/num_params", math.nan) / 1e6,
     "status": res["status"],
     "steps": train_rows[-1]["step"] if train_rows else 0,
@@ -154,7 +152,7 @@ def plot(rows: list[dict], path: str) -> str:
 def run(config, workdir: str) -> dict:
   t0, env = time.perf_counter(), common.environment()
   rows = []
-  unigram = common.unigram_loss(common.run_config(config))
+  unigram = common.unigram_loss(experiment.run_config(config))
   for scheme, seed in [(s, k) for k in config.seeds for s in config.schemes]:
     rows.append(train_scheme(config, workdir, scheme, seed))
     r = rows[-1]

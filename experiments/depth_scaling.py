@@ -21,8 +21,10 @@ import time
 
 import numpy as np
 
+from configs import depth_scaling as cfg_module
+from configs import experiment
 from experiments import cells, common, provenance
-from keel_jax import paths
+from keel_jax import paths, residual
 
 PAPER = (
   "Table 3 (arXiv 2601.19895): at equal data, Keel beats Pre-LN at every depth on the average "
@@ -52,8 +54,6 @@ def cell_arg(config, scheme: str, sub_layers: int, lr: float, seed: int) -> str:
 
 
 def cell_config(config, scheme: str, sub_layers: int, lr: float, seed: int):
-  from configs import depth_scaling as cfg_module
-
   return cfg_module.cell_config(config, scheme, str(sub_layers), common.fmt_lr(lr), str(seed))
 
 
@@ -154,7 +154,7 @@ def plan(config, found: Cells, unigram: float) -> list[Cell]:
   step, seeds = config.log10_lr_step, list(config.seeds)
   follow = config.lr_follow_depth
   out, last_best, failed_at, waiting_on = [], {}, {}, {}
-  for sub_layers in sorted(2 * n for n in config.num_blocks):
+  for sub_layers in sorted(residual.sublayers(n) for n in config.num_blocks):
     for scheme in config.schemes:
       if scheme in failed_at:
         out.append(Cell(scheme, sub_layers, [], [], state="skipped"))
@@ -382,7 +382,7 @@ def plot(config, table, depths, path: str) -> str:
 
 
 def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: float, env) -> dict:
-  depths = sorted(2 * n for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
   table = {(c.scheme, c.sub_layers): c for c in cell_list}
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -522,7 +522,7 @@ def run(config, workdir: str) -> dict:
   if config.cell:
     return train_cell(config, workdir, config.cell)
   env = common.environment()
-  unigram = common.unigram_loss(common.run_config(config))
+  unigram = common.unigram_loss(experiment.run_config(config))
   found = Cells(config, workdir)
   log = os.path.join(workdir, "cells.log")
   trained: set[str] = set()

@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import experiment
 from experiments import common
+from keel_jax import builders, loss, residual, restore, train
+from keel_jax.model import LM, sublayer_activation_rms, sublayer_norms
 
 PAPER = (
   "arXiv 2601.19895 (its analysis of the residual Jacobian): Post-LN's residual shrinks "
@@ -42,9 +45,6 @@ def weights_only(grads):
 @functools.cache
 def profile_fn(model_cfg):
   """jit(params, batch) → (per-sub-layer weight-gradient norms, per-sub-layer activation RMS)."""
-  from keel_jax import loss
-  from keel_jax.model import LM, sublayer_activation_rms, sublayer_norms
-
   model = LM(model_cfg)
 
   def loss_fn(params, batch):
@@ -67,20 +67,18 @@ def profile(s, params, batches) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scheme_profiles(config, workdir: str, scheme: str) -> dict:
-  from keel_jax import restore, train
-
-  cfg = common.run_config(config, model=dict(residual=scheme, num_blocks=config.num_blocks))
+  cfg = experiment.run_config(config, model=dict(residual=scheme, num_blocks=config.num_blocks))
   run_dir = os.path.join(workdir, common.RUNS, common.run_name(scheme, config.num_blocks))
   s = train.setup(cfg, run_dir)
   batches = s.dataset.eval_batches(cfg.train.batch_size, config.profile_batches)
-  _, _, init_fn = train.abstract_state(s)
+  _, _, init_fn = builders.abstract_state(s)
   params0 = jax.jit(init_fn)(jax.random.key(cfg.train.seed))["params"]  # the run's own init
   out = {"init": profile(s, params0, batches)}
   res = common.train_run(cfg, run_dir)
   if res["status"] == "ok":
     out["trained"] = profile(s, restore.load(run_dir).params, batches)
   else:  # a diverged run has no final checkpoint; its profile is the finding
-    nan = np.full(2 * config.num_blocks, np.nan)
+    nan = np.full(residual.sublayers(config.num_blocks), np.nan)
     out["trained"] = (nan, nan)
   out["result"] = res
   return out
@@ -88,10 +86,8 @@ def scheme_profiles(config, workdir: str, scheme: str) -> dict:
 
 def wide_init_profiles(config, scheme: str) -> tuple[np.ndarray, np.ndarray]:
   """Profiles at init only of the config.wide model (the paper's width): a few sequences."""
-  from keel_jax import train
-
   w = config.wide
-  cfg = common.run_config(
+  cfg = experiment.run_config(
     config,
     model=dict(residual=scheme, **dict(w.model)),
     train=dict(batch_size=w.batch_size),
@@ -99,7 +95,7 @@ def wide_init_profiles(config, scheme: str) -> tuple[np.ndarray, np.ndarray]:
   cfg.data.seq_len = w.seq_len
   s = train.setup(cfg, workdir=None, devices=jax.devices()[:1])
   batches = s.dataset.eval_batches(w.batch_size, 1)
-  _, _, init_fn = train.abstract_state(s)
+  _, _, init_fn = builders.abstract_state(s)
   params = jax.jit(init_fn)(jax.random.key(cfg.train.seed))["params"]
   return profile(s, params, batches)
 
@@ -157,7 +153,7 @@ def verdict(rows: dict, label: str) -> list[str]:
 def plot(config, profiles: dict, path: str) -> str:
   plt = common.pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-  x = np.arange(2 * config.num_blocks)
+  x = np.arange(residual.sublayers(config.num_blocks))
   for i, (scheme, p) in enumerate(profiles.items()):
     for col, stage in enumerate(("init", "trained")):
       g, a = p[stage]
@@ -235,7 +231,7 @@ def run(config, workdir: str) -> dict:
     wide_sections.append(
       (
         f"At the paper's width, at init (d={wm.d_model})",
-        f"{2 * wm.num_blocks} sub-layers, width {wm.d_model}, FFN {wm.d_ff}, "
+        f"{residual.sublayers(wm.num_blocks)} sub-layers, width {wm.d_model}, FFN {wm.d_ff}, "
         f"{wm.num_heads}/{wm.num_kv_heads} heads; forward and backward of "
         f"{config.wide.batch_size} validation sequences of {config.wide.seq_len} tokens at "
         "init only (no training at this width here). Every value: profiles_wide.csv.\n\n" + wide_md,
@@ -259,7 +255,7 @@ def run(config, workdir: str) -> dict:
       ),
       (
         "Profiles (first block left out of the ratios)",
-        f"{2 * config.num_blocks} sub-layers, width {config.model.d_model}; averaged over "
+        f"{residual.sublayers(config.num_blocks)} sub-layers, width {config.model.d_model}; averaged over "
         f"{config.profile_batches} validation batches of {config.train.batch_size} × "
         f"{config.data.seq_len}; trained {config.train.num_steps} steps at LR "
         f"{config.train.learning_rate:g}. Every value: profiles.csv.\n\n"

@@ -18,8 +18,10 @@ import time
 import jax
 import numpy as np
 
+from configs import experiment
 from experiments import common
-from keel_jax import paths
+from keel_jax import data, loss, paths, residual, restore
+from keel_jax.model import LM
 
 PAPER = (
   "Figures (ΔPPL when one layer is removed, per depth position): the first layers are critical "
@@ -31,9 +33,6 @@ PAPER = (
 @functools.cache
 def masked_eval_fn(model_cfg):
   """jit(params, batch, keep mask [2·num_blocks]) → (summed nll, token count)."""
-  from keel_jax import loss
-  from keel_jax.model import LM
-
   model = LM(model_cfg)
 
   @jax.jit
@@ -61,7 +60,7 @@ def source_run(config, scheme: str) -> str | None:
   depth_scaling workdir), if its checkpoint is there."""
   if not config.source:
     return None
-  name = f"{scheme}_L{2 * config.num_blocks}_lr*_seed0"
+  name = f"{scheme}_L{residual.sublayers(config.num_blocks)}_lr*_seed0"
   best, best_loss = None, math.inf
   for d in paths.glob(paths.join(config.source, "cells", name)):
     path = paths.join(d, "cell.json")
@@ -80,7 +79,7 @@ def trained_run(config, workdir: str, scheme: str) -> str:
     if config.source:
       print(f"[layer_redundancy] no {scheme} run in {config.source}; training one", flush=True)
     lr = dict(config.lrs)[scheme]
-    cfg = common.run_config(
+    cfg = experiment.run_config(
       config,
       model=dict(residual=scheme, num_blocks=config.num_blocks),
       train=dict(learning_rate=lr),
@@ -94,11 +93,10 @@ def trained_run(config, workdir: str, scheme: str) -> str:
 
 def removal_losses(config, run_dir: str) -> tuple[float, list[float], dict]:
   """(eval loss of the whole model, eval loss with each unit removed, run facts)."""
-  from keel_jax import restore
-
   run = restore.load(run_dir)
   s = run.setup
-  batches = s.dataset.eval_batches(s.config.train.batch_size, config.eval_batches)
+  dataset = data.make(s.config.data, seed=s.config.train.seed)
+  batches = dataset.eval_batches(s.config.train.batch_size, config.eval_batches)
   fn = masked_eval_fn(s.model_cfg)
 
   def loss_with(keep) -> float:
@@ -115,7 +113,7 @@ def removal_losses(config, run_dir: str) -> tuple[float, list[float], dict]:
     "run": run_dir if paths.is_remote(run_dir) else os.path.relpath(run_dir),
     "lr": s.config.train.learning_rate,
     "steps": run.step,
-    "fingerprint": s.dataset.fingerprint,
+    "fingerprint": dataset.fingerprint,
   }
   return base, removed, facts
 
@@ -165,7 +163,7 @@ def plot(config, deltas: dict, path: str) -> str:
   ax.set_yscale("symlog", linthresh=1e-3)
   ax.set_xlabel(f"removed {config.unit} (0 = next to the embedding)")
   ax.set_ylabel("Δ eval loss (nats/token)")
-  ax.set_title(f"layer redundancy, {2 * config.num_blocks} sub-layers")
+  ax.set_title(f"layer redundancy, {residual.sublayers(config.num_blocks)} sub-layers")
   ax.legend()
   return common.save_figure(fig, path)
 
@@ -213,7 +211,7 @@ def run(config, workdir: str) -> dict:
     [
       (
         "Summary",
-        f"{2 * config.num_blocks} sub-layers; Δ = eval loss with one {config.unit} removed minus "
+        f"{residual.sublayers(config.num_blocks)} sub-layers; Δ = eval loss with one {config.unit} removed minus "
         f"the whole model's, over {config.eval_batches} validation batches.\n\n"
         + summary_md
         + "\n![redundancy](redundancy.png)",

@@ -18,7 +18,9 @@ import time
 
 import numpy as np
 
+from configs import experiment
 from experiments import common
+from keel_jax import metrics, residual
 
 PAPER = (
   "Table 1 (arXiv 2601.19895; warm-up 0 → 5e-2 over 5,000 steps): max LR at 64 / 512 "
@@ -102,7 +104,7 @@ def detect(config, losses, lrs, window: int) -> dict:
 
 def sweep_one(config, workdir: str, scheme: str, num_blocks: int, seed: int = 0) -> dict:
   t = config.train
-  cfg = common.run_config(
+  cfg = experiment.run_config(
     config,
     model=dict(residual=scheme, num_blocks=num_blocks),
     # The whole run is warm-up: LR(step) = peak · step / num_steps.
@@ -113,8 +115,6 @@ def sweep_one(config, workdir: str, scheme: str, num_blocks: int, seed: int = 0)
   name = common.run_name(scheme, num_blocks) + (f"_seed{seed}" if seed else "")
   run_dir = os.path.join(workdir, common.RUNS, name)
   res = common.train_run(cfg, run_dir)
-  from keel_jax import metrics
-
   rows = [r for r in metrics.read(run_dir) if "train/loss" in r]
   losses = [r["train/loss"] for r in rows]
   lrs = [r["train/learning_rate"] for r in rows]
@@ -124,7 +124,7 @@ def sweep_one(config, workdir: str, scheme: str, num_blocks: int, seed: int = 0)
   found = detect(config, losses, lrs, config.window)
   return {
     "scheme": scheme,
-    "sub_layers": 2 * num_blocks,
+    "sub_layers": residual.sublayers(num_blocks),
     "seed": seed,
     "max_lr": found["max_lr"] if found["diverged"] else math.nan,
     "reason": REASONS.get(found["reason"], "none (≥ peak)"),
@@ -154,7 +154,7 @@ def seed_lrs(config, results: dict, s: str, d: int) -> list[float]:
 def verdict(config, results: dict) -> list[str]:
   from scipy import stats as st
 
-  depths = sorted(2 * n for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
   res = config.peak_lr / config.train.num_steps
   n_seeds = len(config.seeds)
   out = [
@@ -221,7 +221,7 @@ def verdict(config, results: dict) -> list[str]:
 
 def plot(config, results: dict, path: str) -> str:
   plt = common.pyplot()
-  depths = sorted(2 * n for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
   fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.8), squeeze=False)
   for ax, d in zip(axes[0], depths, strict=True):
     for i, s in enumerate(config.schemes):
@@ -253,7 +253,7 @@ def run(config, workdir: str) -> dict:
           f"{r['max_lr']:.3g} ({r['reason']}, step {r['step']})",
           flush=True,
         )
-  depths = sorted(2 * n for n in config.num_blocks)
+  depths = sorted(residual.sublayers(n) for n in config.num_blocks)
 
   def cell(s, d):
     v = seed_lrs(config, results, s, d)

@@ -16,7 +16,12 @@ import math
 import os
 import subprocess
 
+import jax
+import optax
+
 import keel_jax
+from configs import default
+from keel_jax import builders, paths, steps, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.dirname(os.path.abspath(keel_jax.__file__))  # the copy that is imported
@@ -58,8 +63,6 @@ def source_hash() -> str:
 
 def fingerprint_config(scheme: str, data: dict | None = None):
   """The tiny run the fingerprint trains: 4 blocks of width 32 on `data` (default: arith)."""
-  from configs import default
-
   c = default.get_config()
   c.model.update(
     residual=scheme, num_blocks=4, d_model=32, num_heads=2, num_kv_heads=1, remat_policy="none"
@@ -74,16 +77,11 @@ def fingerprint_config(scheme: str, data: dict | None = None):
 @functools.cache
 def behaviour(scheme: str) -> tuple[float, ...]:
   """Train losses of FINGERPRINT_STEPS steps, then the final parameter norm, on this code."""
-  import jax
-  import optax
-
-  from keel_jax import train
-
   c = fingerprint_config(scheme)
   s = train.setup(c, workdir=None, devices=jax.devices()[:1])
-  _, _, init_fn = train.abstract_state(s)
+  _, _, init_fn = builders.abstract_state(s)
   state = init_fn(jax.random.key(c.train.seed))
-  step = jax.jit(train.make_train_step(s))
+  step = jax.jit(steps.make_train_step(s))
   values = []
   for i in range(c.train.num_steps):
     state, out = step(state, s.dataset.train_batch(i, c.train.batch_size))
@@ -101,8 +99,6 @@ def fingerprint_hash(values) -> str:
 def current(scheme: str, cache_dir: str | None = None) -> dict:
   """This checkout's provenance for runs of `scheme`; the fingerprint is cached in cache_dir
   per (source hash, scheme), so each code version pays for it once."""
-  from keel_jax import paths
-
   src = source_hash()
   values = None
   path = paths.join(cache_dir, f"fingerprint_{src}_{scheme}.json") if cache_dir else None

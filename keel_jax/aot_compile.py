@@ -4,10 +4,10 @@
 
 Needs libtpu (`pip install -e ".[tpu]"`); no TPU and no data. The topology's devices come from
 `jax.experimental.topologies`, the mesh and sharding rules from the config, the step from
-`train.make_train_step`. Prints per-device memory from `compiled.memory_analysis()` against the
-chip's HBM, beside the analytic floor (keel_jax.memory_floor); the last stdout line is JSON with
-topology, num_devices, compile_seconds, bytes_per_device, floor_bytes_per_device,
-hbm_bytes_per_device and fits.
+`keel_jax.steps`, compiled by `keel_jax.compiled`. Prints per-device memory from
+`compiled.memory_analysis()` against the chip's HBM, beside the analytic floor
+(keel_jax.memory_floor); the last stdout line is JSON with topology, num_devices,
+compile_seconds, bytes_per_device, floor_bytes_per_device, hbm_bytes_per_device and fits.
 
 The data is never built (a c4-sized corpus need not exist here): the vocabulary size is the
 config's, or derived from the tokenizer settings alone (byte: 256 + specials; sentencepiece: a
@@ -22,29 +22,12 @@ import os
 import re
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from keel_jax import attention, memory_floor, optimizer, sharding, train
-
-GiB = 1024**3
-# HBM per chip (vendor figures); memory_analysis() does not report capacity.
-HBM_BYTES = {
-  "TPU v4": 32 * GiB,
-  "TPU v5 lite": 16 * GiB,  # v5e
-  "TPU v5": 95 * GiB,  # v5p
-  "TPU v6 lite": 32 * GiB,  # v6e
-}
-
-
-def hbm_bytes(device_kind: str) -> int | None:
-  for name, size in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0])):
-    if device_kind.startswith(name):
-      return size
-  return None
+from keel_jax import attention, builders, compiled, memory_floor, remat_auto, sharding
+from keel_jax.compiled import GiB
 
 
 def quiet_libtpu(topology: str) -> None:
@@ -72,76 +55,6 @@ def topology_devices(topology: str) -> list:
     ) from e
 
 
-def vocab_size(config) -> int:
-  """The model's vocabulary before rounding, from the config alone (no corpus is read)."""
-  if config.model.vocab_size:
-    return config.model.vocab_size
-  d = config.data
-  if d.tokenizer == "byte":
-    from keel_jax.data.tokenizers import ByteTokenizer
-
-    return ByteTokenizer.vocab_size
-  if d.get("spm_model"):
-    from keel_jax.data.tokenizers import SentencePieceTokenizer
-
-    return SentencePieceTokenizer.load(d.spm_model).vocab_size
-  return d.spm_vocab_size  # SentencePiece training makes exactly this many pieces
-
-
-def setup_without_data(config, devices, vocab: int) -> train.Setup:
-  """`train.setup` minus the dataset: mesh, rules, model config and optimizer."""
-  t = config.train
-  optimizer.validate(t)
-  mesh, rules = train.mesh_and_rules(config, devices)
-  model_cfg = train.model_config(config, vocab)
-  return train.Setup(
-    config, model_cfg, None, mesh, rules, optimizer.optimizer(t), optimizer.schedule(t)
-  )
-
-
-def compile_train_step(s: train.Setup, backend: str):
-  """Lowers and compiles the sharded train step on `s.mesh`; returns (compiled, seconds)."""
-  abstract, shardings, _ = train.abstract_state(s)
-  batch_sharding = sharding.batch_sharding(s.mesh, s.rules)
-  shape = (s.config.train.batch_size, s.config.data.seq_len)
-  batch = {
-    "inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-    "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-    "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding),
-  }
-  t0 = time.perf_counter()
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules), attention.target_backend(backend):
-    step = jax.jit(
-      train.make_train_step(s),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-    )
-    compiled = step.lower(abstract, batch).compile()
-  return compiled, time.perf_counter() - t0
-
-
-def memory_report(compiled, hbm: int | None) -> dict:
-  m = compiled.memory_analysis()
-  # Donated state: outputs that alias arguments occupy no extra memory.
-  total = (
-    m.argument_size_in_bytes
-    + m.output_size_in_bytes
-    - m.alias_size_in_bytes
-    + m.temp_size_in_bytes
-    + m.generated_code_size_in_bytes
-  )
-  return {
-    "arguments": m.argument_size_in_bytes,
-    "outputs": m.output_size_in_bytes,
-    "aliased": m.alias_size_in_bytes,
-    "temporaries": m.temp_size_in_bytes,
-    "code": m.generated_code_size_in_bytes,
-    "total": total,
-    "fits": hbm is not None and total <= hbm,
-  }
-
-
 def _compiler_rejection(e: Exception) -> int | None:
   """Bytes the compiler said it needed, when it refused a program too big for HBM."""
   m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
@@ -153,22 +66,20 @@ def _compiler_rejection(e: Exception) -> int | None:
 def run(config, topology: str, vocab: int = 0) -> dict:
   """AOT-compiles config's train step for `topology`; prints the memory table, returns the JSON."""
   devices = topology_devices(topology)
-  s = setup_without_data(config, devices, vocab or vocab_size(config))
+  s = builders.setup(config, devices, vocab or None)
   if s.model_cfg.remat_policy == "auto":
-    from keel_jax import remat_auto  # it imports this module
-
     s, choice = remat_auto.choose(s, devices[0])
     print(choice.summary())
   kind = devices[0].device_kind
-  hbm = hbm_bytes(kind)
+  hbm = compiled.hbm_bytes(kind)
   cfg = s.model_cfg
   num_params = sum(
-    math.prod(a.shape) for a in jax.tree.leaves(train.abstract_state(s)[0]["params"])
+    math.prod(a.shape) for a in jax.tree.leaves(builders.abstract_state(s)[0]["params"])
   )
   t0 = time.perf_counter()
   try:
-    compiled, seconds = compile_train_step(s, devices[0].platform)
-    mem = memory_report(compiled, hbm)
+    executable, seconds = compiled.compile_train_step(s, devices[0].platform)
+    mem = compiled.memory_report(executable, hbm)
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler itself refuses programs whose temporaries exceed HBM: report, not crash.
     needed = _compiler_rejection(e)

@@ -16,15 +16,14 @@ import flax.linen as nn
 import jax
 from absl import app, flags
 
+from keel_jax import checkpoint, data, paths, restore, sample, sharding, steps, tasks
 from keel_jax.metrics import quiet_libraries
 
 
-def exact_match_accuracy(run, num_prompts: int) -> float:
+def exact_match_accuracy(run, dataset, num_prompts: int) -> float:
   """Greedy answers to the first `num_prompts` validation problems, scored exactly."""
-  from keel_jax import data, sample
-
-  tok = run.setup.dataset.tokenizer
-  problems = run.setup.dataset.eval_prompts(num_prompts)
+  tok = run.setup.tokenizer
+  problems = dataset.eval_prompts(num_prompts)
   # The answer's tokens and the EOS that ends it: a model that keeps going is wrong.
   longest = max(len(tok.encode(answer)) for _, answer in problems)
   outs = sample.generate(
@@ -41,27 +40,29 @@ def exact_match_accuracy(run, num_prompts: int) -> float:
 
 
 def evaluate_run(workdir: str, step: int | None = None, num_prompts: int = 200) -> dict:
-  """Scores the checkpoint at `step` (default: latest) and writes its JSON report."""
-  from keel_jax import paths, restore, sharding, train
-
+  """Scores the checkpoint at `step` (default: latest) on the run's validation split and
+  writes its JSON report."""
   if num_prompts < 1:
     raise ValueError(f"num_prompts={num_prompts} must be >= 1")
   run = restore.load(workdir, step)
   s, t = run.setup, run.setup.config.train
+  dataset = data.make(s.config.data, seed=t.seed)
   batch_sharding = sharding.batch_sharding(s.mesh, s.rules)
   # Traced under the rules, like the trainer's eval: the same function, the same numbers.
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    eval_fn = jax.jit(train.make_eval_step(s))
+    eval_fn = jax.jit(steps.make_eval_step(s))
     batches = [
-      jax.device_put(b, batch_sharding)
-      for b in s.dataset.eval_batches(t.batch_size, t.eval_batches)
+      jax.device_put(b, batch_sharding) for b in dataset.eval_batches(t.batch_size, t.eval_batches)
     ]
-    report = {"step": run.step, **train.evaluate(s, eval_fn, run.params, batches)}
+    report = {
+      "step": run.step,
+      **steps.evaluate(eval_fn, run.params, batches, dataset.bytes_per_token),
+    }
   report["eval_sequences"] = t.batch_size * t.eval_batches
   if s.config.data.name == "arith":
-    report["eval/exact_match"] = exact_match_accuracy(run, num_prompts)
+    report["eval/exact_match"] = exact_match_accuracy(run, dataset, num_prompts)
     report["exact_match_prompts"] = num_prompts
-  report["data_fingerprint"] = s.dataset.fingerprint
+  report["data_fingerprint"] = dataset.fingerprint
   path = paths.join(workdir, f"eval_step_{run.step}.json")
   paths.write_json(path, report, indent=2)  # atomic: a reader never sees half a report
   return {**report, "path": path}
@@ -76,9 +77,7 @@ def evaluate_tasks(
   data_dir: str | None = None,
 ) -> dict:
   """Scores downstream tasks on the checkpoint at `step` (default: latest) and writes
-  <workdir>/eval/tasks_<step>.json (process 0)."""
-  from keel_jax import paths, restore, tasks
-
+  <workdir>/eval/tasks_<step>.json (process 0); no training data is read."""
   run_config = restore.load_config(workdir)
   chosen = tasks.for_config(names, run_config)  # unknown names fail before the restore
   run = restore.load(workdir, step)
@@ -86,7 +85,7 @@ def evaluate_tasks(
   results = tasks.run_tasks(
     s.model_cfg,
     run.params,
-    s.dataset.tokenizer,
+    s.tokenizer,
     chosen,
     limit=limit,
     batch_size=batch_size,
@@ -128,8 +127,6 @@ def define_flags() -> None:
 def main(argv):
   del argv
   quiet_libraries()
-  from keel_jax import checkpoint
-
   try:
     if not FLAGS.workdir:
       raise ValueError("--workdir is required (a directory written by keel_jax.main)")
@@ -142,8 +139,6 @@ def main(argv):
   except (OSError, ValueError, checkpoint.CheckpointError) as e:  # OSError: e.g. no report
     sys.exit(f"error: {e}")
   if FLAGS.tasks is not None:
-    from keel_jax import tasks
-
     print(f"step {report['step']} of {FLAGS.workdir}")
     print(tasks.markdown_table(report["results"]))
     print(f"report: {report['path']}")

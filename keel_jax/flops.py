@@ -44,17 +44,23 @@ def nominal_peak(device=None) -> float | None:
   return None
 
 
-def measured_matmul_peak(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
-  """FLOP/s of a jitted n×n matmul chain on the default device (best of a few runs)."""
+def matmul_chain(n: int, repeats: int = 10, dtype=jnp.float32):
+  """(jitted chain of `repeats` n×n matmuls, compiled and warm; its input; its FLOPs)."""
   a = jnp.ones((n, n), dtype) / n
   f = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda _, y: y @ a, x))
   f(a).block_until_ready()
+  return f, a, 2 * n**3 * repeats
+
+
+def measured_matmul_peak(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+  """FLOP/s of a jitted n×n matmul chain on the default device (best of a few runs)."""
+  f, a, flop = matmul_chain(n, repeats, dtype)
   best = float("inf")
   for _ in range(3):
     t = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n**3 * repeats / best
+  return flop / best
 
 
 def device_peak() -> tuple[float, str]:

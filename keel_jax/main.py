@@ -7,9 +7,11 @@ peers itself); elsewhere also give --coordinator_address, --num_processes and
 
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from keel_jax import checkpoint, paths, train
 from keel_jax.metrics import quiet_libraries
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py[:arg].")
@@ -25,16 +27,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   quiet_libraries()
-  import jax
-
   if FLAGS.distributed or FLAGS.num_processes:
     # Set unconditionally: only CPU devices read it, and asking jax.default_backend() first
     # would start the backend, after which initialize() refuses to run.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-
-  from keel_jax import checkpoint, paths, train
-
   try:
     train.train(FLAGS.config, FLAGS.workdir)
   except (ValueError, train.NonFiniteError, checkpoint.CheckpointError, paths.StorageError) as e:

@@ -30,16 +30,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Model hyper-parameters (mirrors `config.model`)."""
+  """Model hyper-parameters: the schema and defaults of `config.model` (configs/default.py
+  starts from `defaults()`)."""
 
-  vocab_size: int = 512
+  vocab_size: int = 0  # 0 → the tokenizer's, rounded up to 64 (keel_jax.builders.model_config)
   d_model: int = 128
   num_heads: int = 4
   num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
   head_dim: int = 0  # 0 → d_model // num_heads
   d_ff: int = 0  # 0 → 3·d_model (the paper's 1024 → 3072)
   ffn: str = "swiglu"  # swiglu | gelu
-  num_blocks: int = 4  # sub-layers = 2·num_blocks
+  num_blocks: int = 8  # sub-layers = 2·num_blocks
   residual: str = "keel"  # one of residual.SCHEMES
   keel_alpha: float = 0.0  # 0 → α = 2·num_blocks (the paper's α = L)
   mix_ln_fraction: float = 0.25  # Mix-LN: fraction of blocks (from the bottom) that are Post-LN
@@ -57,6 +58,11 @@ class ModelConfig:
   attention_impl: str = "auto"  # one of attention.IMPLS; auto → the fastest correct one
 
   def __post_init__(self):
+    if self.vocab_size == 0:
+      raise ValueError(
+        "config.model.vocab_size=0 (automatic) must be resolved from the tokenizer first "
+        "(keel_jax.builders.model_config), or set to >= 1"
+      )
     for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"config.model.{name}={getattr(self, name)!r} must be a positive int")
@@ -66,6 +72,10 @@ class ModelConfig:
         object.__setattr__(self, name, default)
     object.__setattr__(self, "remat_save_names", tuple(self.remat_save_names))
     self.validate()
+
+  @classmethod
+  def defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
 
   @classmethod
   def from_dict(cls, d) -> ModelConfig:
@@ -128,7 +138,7 @@ class ModelConfig:
 
   @property
   def num_sublayers(self) -> int:
-    return 2 * self.num_blocks
+    return residual.sublayers(self.num_blocks)
 
   def layout(self) -> list[tuple[residual.BlockRule, int]]:
     return residual.layout(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from keel_jax import aot_compile, train
+from keel_jax import builders, compiled
 
 GB = 1e9
 # (name, model overrides), fastest first.
@@ -59,7 +59,7 @@ def device_memory_bytes(device) -> int:
     stats = device.memory_stats() or {}
   except Exception:  # AOT topology devices have no runtime behind them
     stats = {}
-  limit = stats.get("bytes_limit") or aot_compile.hbm_bytes(device.device_kind)
+  limit = stats.get("bytes_limit") or compiled.hbm_bytes(device.device_kind)
   if not limit:
     raise ValueError(
       f"cannot tell the memory of {device.device_kind!r}; set config.train.memory_budget_gb"
@@ -74,12 +74,12 @@ def budget_bytes(config, device) -> int:
   return int(gb * GB) if gb else device_memory_bytes(device)
 
 
-def step_bytes(s: train.Setup, backend: str) -> int:
-  compiled, _ = aot_compile.compile_train_step(s, backend)
-  return aot_compile.memory_report(compiled, None)["total"]
+def step_bytes(s: builders.Setup, backend: str) -> int:
+  executable, _ = compiled.compile_train_step(s, backend)
+  return compiled.memory_report(executable, None)["total"]
 
 
-def choose(s: train.Setup, device, measure=step_bytes) -> tuple[train.Setup, Choice]:
+def choose(s: builders.Setup, device, measure=step_bytes) -> tuple[builders.Setup, Choice]:
   """`s` with its remat policy resolved; unchanged (and no Choice) unless it is "auto"."""
   if s.model_cfg.remat_policy != "auto":
     return s, None

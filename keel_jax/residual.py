@@ -96,9 +96,27 @@ def out_eps_scale(rule: Rule) -> float:
   return 1.0 / rule.alpha**2 if rule.form == "keel" else 1.0
 
 
+SUBLAYERS_PER_BLOCK = 2  # attention, then FFN: the paper counts depth L in sub-layers
+
+
+def sublayers(num_blocks: int) -> int:
+  return SUBLAYERS_PER_BLOCK * num_blocks
+
+
+def blocks(num_sublayers: int) -> int:
+  """Blocks of `num_sublayers` sub-layers; ValueError unless it is a positive whole number."""
+  n = int(num_sublayers)
+  if n < SUBLAYERS_PER_BLOCK or n % SUBLAYERS_PER_BLOCK:
+    raise ValueError(
+      f"sub-layers={num_sublayers} must be a positive multiple of {SUBLAYERS_PER_BLOCK} "
+      "(attention + FFN per block)"
+    )
+  return n // SUBLAYERS_PER_BLOCK
+
+
 def keel_alpha(num_blocks: int, alpha: float = 0.0) -> float:
-  """α = L = 2·num_blocks (sub-layers) unless overridden with alpha > 0."""
-  return float(alpha) if alpha > 0 else 2.0 * num_blocks
+  """α = L, the number of sub-layers, unless overridden with alpha > 0."""
+  return float(alpha) if alpha > 0 else float(sublayers(num_blocks))
 
 
 def layout(

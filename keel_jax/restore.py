@@ -1,4 +1,5 @@
-"""Load a training run (its config and a checkpoint) from a workdir, for sampling and eval."""
+"""Load a training run from its workdir for sampling and evaluation: config, tokenizer, model
+and checkpoint; the training data is not read."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 
 import ml_collections
 
-from keel_jax import checkpoint, paths, train
+from keel_jax import builders, checkpoint, data, paths
+from keel_jax.data import tokenizers
 
 
 @dataclasses.dataclass
 class Run:
-  setup: train.Setup
+  setup: builders.Setup  # its tokenizer set; no dataset
   params: Any
   step: int
 
@@ -30,11 +32,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"cannot read {path}: {e}") from e
 
 
-def setup(config) -> train.Setup:
-  """`train.setup` for reading a run: data-parallel on this process's devices, no writes."""
+def tokenizer(config, workdir: str):
+  """The run's tokenizer: bytes, or the SentencePiece model the trainer kept in the workdir
+  (runs from before it kept one: config.data.spm_model, else rebuilt from the corpus)."""
+  d = config.data
+  if d.tokenizer == "byte":
+    return tokenizers.ByteTokenizer()
+  kept = paths.join(workdir, tokenizers.RUN_FILE)
+  if paths.exists(kept):
+    return tokenizers.SentencePieceTokenizer(paths.read_bytes(kept))
+  if d.get("spm_model"):
+    return tokenizers.SentencePieceTokenizer.load(paths.resolve(d.spm_model))
+  return data.make(d, seed=config.train.seed).tokenizer
+
+
+def setup(config, workdir: str) -> builders.Setup:
+  """The run's model and tokenizer, data-parallel on this process's devices; no writes."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.shape = (-1,) + (1,) * (len(config.mesh.axes) - 1)
-  return train.setup(config, workdir=None)
+  return builders.setup(config, tokenizer=tokenizer(config, workdir), check_batch=False)
 
 
 def load(workdir: str, step: int | None = None) -> Run:
@@ -53,8 +69,8 @@ def load(workdir: str, step: int | None = None) -> Run:
     raise FileNotFoundError(f"no checkpoint in {directory}; train first")
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {steps}")
-  s = setup(config)
-  abstract, _, _ = train.abstract_state(s)
+  s = setup(config, workdir)
+  abstract, _, _ = builders.abstract_state(s)
   ckpt = checkpoint.Checkpointer(directory, keep=10**6)
   try:
     state, restored = ckpt.restore(abstract, step)

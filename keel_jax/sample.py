@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from keel_jax import checkpoint, paths, restore
 from keel_jax.metrics import quiet_libraries
 from keel_jax.model import LM, ModelConfig
 
@@ -251,8 +252,6 @@ def _read_prompts() -> list[str]:
   if not FLAGS.prompts_file:
     return [FLAGS.prompt]
   try:
-    from keel_jax import paths
-
     texts = [line for line in paths.read_text(FLAGS.prompts_file).split("\n") if line.strip()]
   except OSError as e:
     raise ValueError(f"cannot read --prompts_file: {e}") from e
@@ -264,15 +263,13 @@ def _read_prompts() -> list[str]:
 def main(argv):
   del argv
   quiet_libraries()
-  from keel_jax import checkpoint, restore
-
   try:
     if not FLAGS.workdir:
       raise ValueError("--workdir is required (a directory written by keel_jax.main)")
     check_settings(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     texts = _read_prompts()
     run = restore.load(FLAGS.workdir, FLAGS.step)
-    tok = run.setup.dataset.tokenizer
+    tok = run.setup.tokenizer
     outs, stats = generate_with_stats(
       run.setup.model_cfg,
       run.params,

@@ -2,55 +2,40 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import signal
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from keel_jax import checkpoint, data, flops, loss, metrics, optimizer, paths, sharding
-from keel_jax.model import LM, ModelConfig, sublayer_norms
+from keel_jax import (
+  builders,
+  checkpoint,
+  data,
+  flops,
+  metrics,
+  optimizer,
+  paths,
+  remat_auto,
+  sample,
+  sharding,
+  steps,
+  tasks,
+)
+from keel_jax.data import tokenizers
 
 
 class NonFiniteError(RuntimeError):
   """Raised when the loss or gradients stop being finite and config.train.nonfinite='stop'."""
 
 
-@dataclasses.dataclass
-class Setup:
-  """Everything derived from a config before a single file is written."""
-
-  config: Any
-  model_cfg: ModelConfig
-  dataset: Any
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-
-
 # ---------------------------------------------------------------- validation
-
-
-def model_config(config, vocab_size: int) -> ModelConfig:
-  d = config.model.to_dict()
-  if d["vocab_size"] == 0:
-    d["vocab_size"] = -(-vocab_size // 64) * 64  # round up: friendlier matmul shapes
-  elif d["vocab_size"] < vocab_size:
-    raise ValueError(
-      f"config.model.vocab_size={d['vocab_size']} is smaller than the tokenizer's "
-      f"{vocab_size}; set it to 0 (automatic) or >= {vocab_size}"
-    )
-  return ModelConfig.from_dict(d)
 
 
 # Model settings that change only how the stack is computed and laid out in memory: a run may
@@ -84,11 +69,12 @@ def check_resumable(workdir: str, config) -> None:
     )
 
 
-def setup(config, workdir: str | None, devices=None) -> Setup:
+def setup(config, workdir: str | None, devices=None) -> builders.Setup:
   """Validates the whole config and builds data, model config, mesh and optimizer.
 
   Raises ValueError with one line saying what to change; writes nothing to workdir.
-  With workdir=None (reading a finished run) the training-only checks are skipped.
+  With workdir=None (a run that is not trained, e.g. a benchmark) the training-only checks
+  are skipped.
   """
   t = config.train
   if workdir is not None:
@@ -101,7 +87,7 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
     raise ValueError(f"config.train.nonfinite={t.nonfinite!r}: use 'stop' or 'skip'")
   if t.grad_accum_steps < 1:
     raise ValueError(f"config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
-  mesh, rules = mesh_and_rules(config, devices, check_batch=workdir is not None)
+  builders.mesh_and_rules(config, devices, check_batch=workdir is not None)
   if workdir is not None:
     task_list(config)  # a bad task name or an unprepared dataset fails before training
   dataset = data.make(config.data, seed=t.seed)
@@ -112,25 +98,9 @@ def setup(config, workdir: str | None, devices=None) -> Setup:
       dataset.num_train_windows,
       t.batch_size,
     )
-  model_cfg = model_config(config, dataset.tokenizer.vocab_size)
-  return Setup(
-    config, model_cfg, dataset, mesh, rules, optimizer.optimizer(t), optimizer.schedule(t)
-  )
-
-
-def mesh_and_rules(config, devices=None, check_batch: bool = True):
-  """The config's mesh over `devices` and its logical-axis rules; with check_batch, that the
-  global batch splits over data parallelism × micro-batches."""
-  t = config.train
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules(config.mesh)
-  dp = sharding.data_parallel_size(mesh, rules)
-  if check_batch and t.batch_size % (dp * t.grad_accum_steps):
-    raise ValueError(
-      f"config.train.batch_size={t.batch_size} must divide by data parallelism ({dp}) × "
-      f"grad_accum_steps ({t.grad_accum_steps}); use a multiple of {dp * t.grad_accum_steps}"
-    )
-  return mesh, rules
+  s = builders.setup(config, devices, tokenizer=dataset.tokenizer, check_batch=workdir is not None)
+  s.dataset = dataset
+  return s
 
 
 def task_list(config) -> list:
@@ -144,8 +114,6 @@ def task_list(config) -> list:
     raise ValueError(f"config.train.task_limit={t.task_limit} must be >= 0 (0 = all examples)")
   if not every:
     return []
-  from keel_jax import tasks
-
   try:
     chosen = tasks.for_config(t.get("tasks", "arith"), config)
   except ValueError as e:
@@ -160,15 +128,13 @@ def task_list(config) -> list:
   return chosen
 
 
-def task_eval(s: Setup, params, chosen: list) -> dict:
+def task_eval(s: builders.Setup, params, chosen: list) -> dict:
   """Scores `chosen` tasks → {tasks/<name>/<metric>: value, tasks/average: ...}."""
-  from keel_jax import tasks
-
   t = s.config.train
   results = tasks.run_tasks(
     s.model_cfg,
     params,
-    s.dataset.tokenizer,
+    s.tokenizer,
     chosen,
     limit=t.get("task_limit", 0) or None,
     batch_size=t.batch_size,
@@ -186,111 +152,6 @@ def task_eval(s: Setup, params, chosen: list) -> dict:
   if len(results) > 1:
     row["tasks/average"] = tasks.average(results)
   return row
-
-
-# ---------------------------------------------------------------- state and steps
-
-
-def abstract_state(s: Setup):
-  """Shapes and shardings of {step, params, opt_state} for the current mesh, and init fn."""
-  model = LM(s.model_cfg)
-  tokens = jnp.zeros((1, s.config.data.seq_len), jnp.int32)
-
-  def init(rng):
-    params = model.init(rng, tokens)["params"]
-    # Optax maps over the logical boxes, so the optimizer state inherits axis names.
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": s.tx.init(params)}
-
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.logical_to_sharding(boxed, s.mesh, s.rules)
-  abstract = jax.tree.map(
-    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), nn.unbox(boxed), shardings
-  )
-  return abstract, shardings, lambda rng: nn.unbox(init(rng))
-
-
-def make_train_step(s: Setup):
-  model, t = LM(s.model_cfg), s.config.train
-  accum = t.grad_accum_steps
-
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"])
-    total, nll, count = loss.cross_entropy(logits, batch["targets"], batch["weights"], t.z_loss)
-    return total, (nll, count)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state, batch):
-    params = state["params"]
-    if accum == 1:
-      (_, (nll, count)), grads = grad_fn(params, batch)
-    else:
-      # Strided micro-batches: every data shard holds a slice of each one.
-      micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
-      )
-
-      def body(carry, mb):
-        (_, (nll, count)), grads = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (grads, nll, count)), None
-
-      zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-      (grads, nll, count), _ = jax.lax.scan(body, zeros, micro)
-    # Sums over tokens, normalized once: accumulation equals one big batch.
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    loss_value = nll / count
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = s.tx.update(grads, state["opt_state"], params)
-    new = {
-      "step": state["step"] + 1,
-      "params": optax.apply_updates(params, updates),
-      "opt_state": opt_state,
-    }
-    finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-    if t.nonfinite == "skip":
-      kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-      new = {**kept, "step": state["step"] + 1}
-    out = {
-      "train/loss": loss_value,
-      "train/grad_norm": grad_norm,
-      "train/param_norm": optax.tree.norm(params),
-      "train/update_norm": optax.tree.norm(updates),
-      "train/learning_rate": s.schedule(state["step"]),
-      "train/tokens": count,
-      "finite": finite,
-    }
-    if t.diag_every:
-      out["diag/grad_norm_per_sublayer"] = sublayer_norms(grads)
-      out["diag/grad_rms_per_sublayer"] = sublayer_norms(grads, rms=True)
-      out["diag/param_rms_per_sublayer"] = sublayer_norms(params, rms=True)
-    return new, out
-
-  return step
-
-
-def make_eval_step(s: Setup):
-  model = LM(s.model_cfg)
-
-  def step(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"])
-    _, nll, count = loss.cross_entropy(logits, batch["targets"], batch["weights"])
-    return nll, count
-
-  return step
-
-
-def evaluate(s: Setup, eval_fn, params, batches) -> dict:
-  nll, count = 0.0, 0.0
-  for b in batches:
-    n, c = jax.device_get(eval_fn(params, b))
-    nll, count = nll + float(n), count + float(c)
-  loss_value = nll / max(count, 1.0)
-  return {
-    "eval/loss": loss_value,
-    "eval/perplexity": math.exp(min(loss_value, 50.0)),
-    "eval/bits_per_byte": loss_value / math.log(2) / s.dataset.bytes_per_token,
-  }
 
 
 # ---------------------------------------------------------------- the loop
@@ -354,6 +215,63 @@ def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
+class _Bookkeeping:
+  """The loop's host side: NaN policy, throughput window, logging cadence, last metrics.
+
+  Time spent on eval, tasks and checkpoints (`aside`) is excluded from tokens/s.
+  """
+
+  def __init__(self, config, writer, ckpt, tokens_per_step: int, flops_per_token, peak):
+    self.t, self.writer, self.ckpt = config.train, writer, ckpt
+    self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+    self.last: dict = {}
+    self.skipped = 0
+    self._new_window()
+
+  def _new_window(self):
+    self.losses, self.t0, self.excluded = [], time.perf_counter(), 0.0
+
+  @contextlib.contextmanager
+  def aside(self):
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.excluded += time.perf_counter() - t0
+
+  def write(self, step: int, row: dict) -> None:
+    self.writer.write(step, row)
+    self.last.update(row)
+
+  def step(self, step: int, out) -> None:
+    """Host side of step `step`: its metrics were computed on device already."""
+    t = self.t
+    out = jax.device_get(out)
+    if not bool(out["finite"]):
+      if t.nonfinite == "stop":
+        raise NonFiniteError(
+          f"non-finite loss or gradient at step {step}; stopped. Last good checkpoint: "
+          f"step {self.ckpt.latest_step()} in {self.ckpt.directory}. Lower "
+          "config.train.learning_rate or set config.train.nonfinite='skip'"
+        )
+      self.skipped += 1
+    self.losses.append(float(out["train/loss"]))
+    if not t.log_every or (step % t.log_every and step != t.num_steps):
+      return
+    seconds = time.perf_counter() - self.t0 - self.excluded
+    tps = len(self.losses) * self.tokens_per_step / max(seconds, 1e-9)
+    row = {k: v for k, v in out.items() if k.startswith("train/")}
+    row["train/loss"] = float(np.mean(self.losses))
+    row["train/tokens_per_sec"] = tps
+    row["train/mfu"] = tps * self.flops_per_token / self.peak
+    row["train/skipped_steps"] = self.skipped
+    if t.diag_every and (step % t.diag_every == 0 or step == t.num_steps):
+      row.update({k: v for k, v in out.items() if k.startswith("diag/")})
+    self.write(step, row)
+    self.writer.progress(step, row["train/loss"], tps)
+    self._new_window()
+
+
 def train(config, workdir: str) -> dict:
   """Trains to config.train.num_steps, resuming from the newest checkpoint in workdir.
 
@@ -365,8 +283,6 @@ def train(config, workdir: str) -> dict:
   t = config.train
   lead = jax.process_index() == 0
   if s.model_cfg.remat_policy == "auto":
-    from keel_jax import remat_auto  # it compiles steps with the AOT code, which imports this
-
     s, choice = remat_auto.choose(s, s.mesh.devices.flat[0])
     if lead:
       print(choice.summary(), flush=True)
@@ -374,33 +290,41 @@ def train(config, workdir: str) -> dict:
   if lead:
     paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     paths.write_json(paths.join(workdir, "data_fingerprint.json"), s.dataset.fingerprint, indent=2)
+    if s.tokenizer.name == "sentencepiece":  # sampling and evaluation read it, not the corpus
+      paths.write_bytes(paths.join(workdir, tokenizers.RUN_FILE), s.tokenizer.model_proto)
 
   # ---- Sharded state: created directly on the mesh, or restored onto it.
-  abstract, shardings, init_fn = abstract_state(s)
+  abstract, shardings, init_fn = builders.abstract_state(s)
   batch_sharding = sharding.batch_sharding(s.mesh, s.rules)
   block = host_block(batch_sharding, t.batch_size, config.data.seq_len)
   ckpt = checkpoint.Checkpointer(paths.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     if ckpt.latest_step() is not None:
       state, start = ckpt.restore(abstract)
-      if jax.process_index() == 0:
+      if lead:
         print(f"resumed from the checkpoint at step {start}", flush=True)
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
       start = 0
     train_fn = jax.jit(
-      make_train_step(s),
+      steps.make_train_step(s),
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, None),
       donate_argnums=0,
     )
-    eval_fn = jax.jit(make_eval_step(s), in_shardings=(shardings["params"], batch_sharding))
+    eval_fn = jax.jit(steps.make_eval_step(s), in_shardings=(shardings["params"], batch_sharding))
 
   num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
-  flops_per_token = flops.train_flops_per_token(s.model_cfg, config.data.seq_len)
   peak, peak_kind = flops.device_peak()
-  tokens_per_step = t.batch_size * config.data.seq_len
   writer = metrics.Writer(workdir, t.num_steps, enabled=lead)
+  book = _Bookkeeping(
+    config,
+    writer,
+    ckpt,
+    t.batch_size * config.data.seq_len,
+    flops.train_flops_per_token(s.model_cfg, config.data.seq_len),
+    peak,
+  )
   if lead:
     print(
       f"keel_jax: {s.model_cfg.residual} model, {s.model_cfg.num_sublayers} sub-layers, "
@@ -421,41 +345,7 @@ def train(config, workdir: str) -> dict:
 
   eval_batches = None
   chosen_tasks = task_list(config)
-  last: dict = {}
-  # Throughput window; time spent in eval and checkpointing is excluded from tokens/s.
-  window = {"loss": [], "t0": time.perf_counter(), "steps": 0, "excluded": 0.0}
-  skipped = 0
-
-  def fetch(step: int, out) -> None:
-    """Host side of step `step` (its metrics were computed on device already)."""
-    nonlocal skipped, last
-    out = jax.device_get(out)
-    if not bool(out["finite"]):
-      if t.nonfinite == "stop":
-        raise NonFiniteError(
-          f"non-finite loss or gradient at step {step}; stopped. Last good checkpoint: "
-          f"step {ckpt.latest_step()} in {ckpt.directory}. Lower config.train.learning_rate "
-          f"or set config.train.nonfinite='skip'"
-        )
-      skipped += 1
-    window["loss"].append(float(out["train/loss"]))
-    window["steps"] += 1
-    if t.log_every and (step % t.log_every == 0 or step == t.num_steps):
-      dt = time.perf_counter() - window["t0"] - window["excluded"]
-      tps = window["steps"] * tokens_per_step / max(dt, 1e-9)
-      row = {k: v for k, v in out.items() if k.startswith("train/")}
-      row["train/loss"] = float(np.mean(window["loss"]))
-      row["train/tokens_per_sec"] = tps
-      row["train/mfu"] = tps * flops_per_token / peak
-      row["train/skipped_steps"] = skipped
-      if t.diag_every and (step % t.diag_every == 0 or step == t.num_steps):
-        row.update({k: v for k, v in out.items() if k.startswith("diag/")})
-      writer.write(step, row)
-      writer.progress(step, row["train/loss"], tps)
-      last = {**last, **row}
-      window.update(loss=[], t0=time.perf_counter(), steps=0, excluded=0.0)
-
-  pending = None
+  pending = None  # (step, metrics) not yet fetched to the host
   # The steps trace at their first call: the rules must be active here, not only at jit().
   with _Preemption() as preempt, jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     try:
@@ -464,27 +354,25 @@ def train(config, workdir: str) -> dict:
         state, out = train_fn(state, batch)
         # Fetch step-1's metrics only now, with step queued: the device never waits on the host.
         if pending is not None:
-          fetch(*pending)
+          book.step(*pending)
         pending = (step + 1, out)
         done = step + 1
         save = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.num_steps
         stop = preempt.poll(done)
         if save or stop:
-          fetch(*pending)  # never checkpoint a state that has not been checked finite
+          book.step(*pending)  # never checkpoint a state that has not been checked finite
           pending = None
-          t_aside = time.perf_counter()
-          ckpt.save(done, state, force=True)
-          window["excluded"] += time.perf_counter() - t_aside
+          with book.aside():
+            ckpt.save(done, state, force=True)
         if (t.eval_every and done % t.eval_every == 0) or done == t.num_steps:
-          t_aside = time.perf_counter()
-          if eval_batches is None:
-            eval_batches = [
-              _global_batch(b, batch_sharding)
-              for b in s.dataset.eval_batches(t.batch_size, t.eval_batches, *block)
-            ]
-          row = evaluate(s, eval_fn, state["params"], eval_batches)
-          writer.write(done, row)
-          last = {**last, **row}
+          with book.aside():
+            if eval_batches is None:
+              eval_batches = [
+                _global_batch(b, batch_sharding)
+                for b in s.dataset.eval_batches(t.batch_size, t.eval_batches, *block)
+              ]
+            row = steps.evaluate(eval_fn, state["params"], eval_batches, s.dataset.bytes_per_token)
+            book.write(done, row)
           if lead:
             print(
               f"\nstep {done}: eval loss {row['eval/loss']:.4f}, "
@@ -493,11 +381,9 @@ def train(config, workdir: str) -> dict:
             )
         every = t.get("task_eval_every", 0)
         if chosen_tasks and (done % every == 0 or done == t.num_steps):
-          t_aside = time.perf_counter()
-          row = task_eval(s, state["params"], chosen_tasks)
-          writer.write(done, row)
-          last = {**last, **row}
-          window["excluded"] += time.perf_counter() - t_aside
+          with book.aside():
+            row = task_eval(s, state["params"], chosen_tasks)
+            book.write(done, row)
           if lead:
             scores = ", ".join(f"{k[6:]} {v:.3f}" for k, v in row.items())
             print(f"step {done}: {scores}", flush=True)
@@ -509,7 +395,7 @@ def train(config, workdir: str) -> dict:
             )
           break
       if pending is not None:
-        fetch(*pending)
+        book.step(*pending)
       ckpt.wait()
     except BaseException:
       writer.abandon()
@@ -522,13 +408,11 @@ def train(config, workdir: str) -> dict:
     print(f"loss curve: {path}", flush=True)
   if lead and t.sample_prompt and not preempt.requested:
     _print_sample(s, state["params"], t.sample_prompt)
-  return {k: metrics.plain(v) for k, v in last.items()}
+  return {k: metrics.plain(v) for k, v in book.last.items()}
 
 
-def _print_sample(s: Setup, params, prompt: str) -> None:
-  from keel_jax import sample
-
-  tok = s.dataset.tokenizer
+def _print_sample(s: builders.Setup, params, prompt: str) -> None:
+  tok = s.tokenizer
   (out,) = sample.generate(
     s.model_cfg,
     jax.device_get(params),

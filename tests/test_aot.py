@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from keel_jax import aot_compile
+from keel_jax import aot_compile, builders, compiled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
@@ -55,13 +55,14 @@ SPLASH_SCRIPT = """
 import json, jax
 jax.config.update("jax_platforms", "cpu")
 from configs import smoke
-from keel_jax import aot_compile, attention
+from keel_jax import aot_compile, attention, builders
+from keel_jax.compiled import compile_train_step
 c = smoke.get_config()
 # A corpus that is not here and a tokenizer never trained: AOT must not touch the data.
 c.data.update(name="no_such_corpus/en", tokenizer="sentencepiece", seq_len=128)
 devices = aot_compile.topology_devices("v5p:2x2x1")
-s = aot_compile.setup_without_data(c, devices, aot_compile.vocab_size(c))
-compiled, seconds = aot_compile.compile_train_step(s, "tpu")
+s = builders.setup(c, devices)
+compiled, seconds = compile_train_step(s, "tpu")
 kernel = "tpu_custom_call" in compiled.as_text()
 
 # Splash alone on a 4-device mesh: one kernel per batch shard under the rules, and plain-JAX
@@ -110,11 +111,11 @@ def smoke_config():
 
 def test_vocab_size_from_config_alone():
   c = smoke_config()
-  assert aot_compile.vocab_size(c) == 259  # bytes + pad, bos, eos
+  assert builders.vocab_size(c) == 259  # bytes + pad, bos, eos
   c.data.update(tokenizer="sentencepiece", spm_vocab_size=4096)
-  assert aot_compile.vocab_size(c) == 4096
+  assert builders.vocab_size(c) == 4096
   c.model.vocab_size = 1000
-  assert aot_compile.vocab_size(c) == 1000
+  assert builders.vocab_size(c) == 1000
 
 
 def test_memory_report_arithmetic():
@@ -125,17 +126,17 @@ def test_memory_report_arithmetic():
     temp_size_in_bytes=100,
     generated_code_size_in_bytes=1,
   )
-  compiled = types.SimpleNamespace(memory_analysis=lambda: stats)
-  assert aot_compile.memory_report(compiled, 113)["total"] == 113
-  assert aot_compile.memory_report(compiled, 113)["fits"] is True
-  assert aot_compile.memory_report(compiled, 112)["fits"] is False
-  assert aot_compile.memory_report(compiled, None)["fits"] is False
+  executable = types.SimpleNamespace(memory_analysis=lambda: stats)
+  assert compiled.memory_report(executable, 113)["total"] == 113
+  assert compiled.memory_report(executable, 113)["fits"] is True
+  assert compiled.memory_report(executable, 112)["fits"] is False
+  assert compiled.memory_report(executable, None)["fits"] is False
 
 
 def test_hbm_table():
-  assert aot_compile.hbm_bytes("TPU v5 lite") == 16 * GiB
-  assert aot_compile.hbm_bytes("TPU v5") == 95 * GiB
-  assert aot_compile.hbm_bytes("TPU v9000") is None
+  assert compiled.hbm_bytes("TPU v5 lite") == 16 * GiB
+  assert compiled.hbm_bytes("TPU v5") == 95 * GiB
+  assert compiled.hbm_bytes("TPU v9000") is None
 
 
 def test_compiler_rejection_is_reported():

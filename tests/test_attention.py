@@ -158,7 +158,7 @@ def test_resolve():
   with pytest.raises(ValueError, match="needs a TPU"):
     attention.resolve("splash", "cpu")
   with pytest.raises(ValueError, match="attention_impl"):
-    ModelConfig(attention_impl="flash9")
+    ModelConfig(vocab_size=64, attention_impl="flash9")
 
 
 def test_model_blocked_equals_reference():

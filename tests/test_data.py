@@ -287,10 +287,6 @@ def test_unprepared_tfds_dataset_fails_fast_with_the_command(make, tmp_path):
 # ---- config errors and malformed input
 
 
-def test_default_config_sets_every_data_field():
-  assert dict(default_config().data) == dataset.DEFAULTS
-
-
 def test_bad_config_raises_one_line_errors(make):
   one_line_error(lambda: make(name="no_such_corpus"), "config.data.name", "pycode")
   one_line_error(lambda: make(tokenizer="wordpiece"), "config.data.tokenizer")

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, lr_sweep
+from configs import experiment
+from experiments import lr_sweep
 from keel_jax.model import LM, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +200,7 @@ def test_configs_build_valid_models_at_every_size(name):
     assert c.size == size and c.schemes
     blocks = c.num_blocks if isinstance(c.num_blocks, int) else max(c.num_blocks)
     for scheme in c.schemes:
-      run = common.run_config(c, model=dict(residual=scheme, num_blocks=blocks))
+      run = experiment.run_config(c, model=dict(residual=scheme, num_blocks=blocks))
       ModelConfig.from_dict({**run.model.to_dict(), "vocab_size": 256})
   with pytest.raises(ValueError, match="unknown size"):
     module.get_config("huge")

@@ -69,35 +69,6 @@ app.run(main.main)
 """
 
 
-def _build_tfds(data_dir: str) -> None:
-  """A small text dataset (stdlib sources) prepared as array_record, as `tfds build` would."""
-  import tensorflow_datasets as tfds
-
-  from keel_jax.data import sources
-
-  class KeelTinyText(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-        builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
-      )
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      files = sources.pycode_files()[:240]
-      return {
-        "train": self._generate_examples(files[:200]),
-        "validation": self._generate_examples(files[200:]),
-      }
-
-    def _generate_examples(self, files):
-      for key, text in files:
-        yield key, {"text": text}
-
-  KeelTinyText(data_dir=data_dir, file_format="array_record").download_and_prepare()
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
   root = tmp_path_factory.mktemp("gcs")
@@ -108,7 +79,9 @@ def emulator(tmp_path_factory):
     from keel_jax import paths
 
     local = str(root / "tfds")
-    _build_tfds(local)
+    import tiny_tfds  # imports tfds: only once the emulator settings are in the environment
+
+    tiny_tfds.build(local)
     for dirpath, _, files in os.walk(local):
       for name in files:
         rel = os.path.relpath(os.path.join(dirpath, name), local)

@@ -9,12 +9,12 @@ from keel_jax.model import ModelConfig
 
 def test_live_carries_per_block_and_nested():
   # Keel lays 9 blocks out as a distinct first block, then 8 identical ones.
-  flat = ModelConfig(residual="keel", num_blocks=9)
-  nested = ModelConfig(residual="keel", num_blocks=9, nested_remat=True)
+  flat = ModelConfig(vocab_size=64, residual="keel", num_blocks=9)
+  nested = ModelConfig(vocab_size=64, residual="keel", num_blocks=9, nested_remat=True)
   assert memory_floor.live_carries(flat) == 9
   # The run of 8: 2 groups of 3 (2 carries), one group recomputed (3), a tail of 2.
   assert memory_floor.live_carries(nested) == 1 + 2 + 3 + 2
-  deep = ModelConfig(residual="pre_ln", num_blocks=512, nested_remat=True)
+  deep = ModelConfig(vocab_size=64, residual="pre_ln", num_blocks=512, nested_remat=True)
   assert memory_floor.live_carries(deep) == 22 + 23 + 6  # 22 groups of 23, a tail of 6: ≈ 2√L
 
 
@@ -22,7 +22,7 @@ def test_floor_arithmetic():
   c = default.get_config()
   c.train.update(batch_size=8, grad_accum_steps=2)
   c.data.seq_len = 16
-  cfg = ModelConfig(residual="pre_ln", num_blocks=3, d_model=32)
+  cfg = ModelConfig(vocab_size=64, residual="pre_ln", num_blocks=3, d_model=32)
   carries = 3 * (8 // 2) * 16 * 32 * 4
   assert memory_floor.floor_bytes(c, cfg, 1000) == 16 * 1000 + carries
   c.train.update(mu_dtype="bfloat16", nu_dtype="bfloat16")

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from configs import default
-from keel_jax import aot_compile, remat_auto
+from keel_jax import builders, remat_auto
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def setup_and_bytes():
   c.model.update(d_model=32, num_heads=2, num_kv_heads=1, num_blocks=4, remat_policy="auto")
   c.data.seq_len = 128
   c.train.update(batch_size=8, diag_every=0)
-  s = aot_compile.setup_without_data(c, jax.devices()[:1], 256)
+  s = builders.setup(c, jax.devices()[:1], 256)
   needed = {}
   for name, overrides in remat_auto.CANDIDATES[:3]:  # nested compiles as slowly and adds nothing
     candidate = dataclasses.replace(s, model_cfg=dataclasses.replace(s.model_cfg, **overrides))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keel_jax import evaluate, metrics, restore, sample
+from keel_jax import data, evaluate, metrics, restore, sample
 from keel_jax.data import packing
 from keel_jax.model import LM, ModelConfig
 
@@ -352,7 +352,7 @@ def test_sample_cli_prints_greedy_continuations_and_speed(workdir, smoke_run, tm
   )  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   assert "compile" in r.stderr and "tokens/s" in r.stderr, r.stderr
-  tok = smoke_run.setup.dataset.tokenizer
+  tok = smoke_run.setup.tokenizer
   outs = sample.generate(
     smoke_run.setup.model_cfg,
     smoke_run.params,
@@ -412,8 +412,9 @@ def test_evaluate_tasks_cli_matches_the_training_loop(workdir):
 
 
 def test_exact_match_scores_the_answer_up_to_eos(smoke_run, monkeypatch):
-  tok = smoke_run.setup.dataset.tokenizer
-  problems = smoke_run.setup.dataset.eval_prompts(8)
+  tok = smoke_run.setup.tokenizer
+  dataset = data.make(smoke_run.setup.config.data)
+  problems = dataset.eval_prompts(8)
 
   def fake_generate(cfg, params, prompts, max_new_tokens, **kw):
     assert kw["temperature"] == 0.0 and kw["eos_id"] == tok.eos_id
@@ -425,7 +426,7 @@ def test_exact_match_scores_the_answer_up_to_eos(smoke_run, monkeypatch):
     return outs
 
   monkeypatch.setattr(sample, "generate", fake_generate)
-  assert evaluate.exact_match_accuracy(smoke_run, 8) == 0.75
+  assert evaluate.exact_match_accuracy(smoke_run, dataset, 8) == 0.75
 
 
 @pytest.mark.parametrize(
@@ -466,3 +467,36 @@ def test_importing_the_command_lines_defines_no_flags():
 
   assert "prompts_file" not in flags.FLAGS and "num_prompts" not in flags.FLAGS
   assert callable(sample.define_flags) and callable(evaluate.define_flags)
+
+
+def test_sample_and_tasks_need_no_training_data(tmp_path):
+  """A SentencePiece run on a TFDS corpus keeps its tokenizer in the workdir: with the corpus and
+  every cache deleted, sampling and task scoring still work, with the run's own tokenizer."""
+  import shutil
+
+  import tiny_tfds
+
+  data_dir, cache, run = tmp_path / "tfds", tmp_path / "cache", str(tmp_path / "run")
+  tiny_tfds.build(str(data_dir))
+  r = cli(
+    "main", "--config=configs/smoke.py", f"--workdir={run}", "--config.train.num_steps=2",
+    f"--config.data.name={tiny_tfds.NAME}", f"--config.data.data_dir={data_dir}",
+    f"--config.data.cache_dir={cache}", "--config.data.tokenizer=sentencepiece",
+    "--config.data.spm_vocab_size=512", "--config.train.sample_prompt=",
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  trained_with = json.load(open(os.path.join(run, "data_fingerprint.json")))["spm_sha256"]
+  shutil.rmtree(data_dir)
+  shutil.rmtree(cache)
+  loaded = restore.load(run)
+  tok = loaded.setup.tokenizer
+  assert tok.name == "sentencepiece" and tok.fingerprint["spm_sha256"] == trained_with
+  (out,) = sample.generate(
+    loaded.setup.model_cfg, loaded.params, [sample.encode_prompt(tok, "def f(")], 4,
+    vocab=tok.vocab_size, temperature=0.0, eos_id=tok.eos_id,
+  )  # fmt: skip
+  assert len(out) <= 4 and all(0 <= i < loaded.setup.model_cfg.vocab_size for i in out)
+  report = evaluate.evaluate_tasks(run, "arith", limit=4, batch_size=4)
+  assert report["results"]["arith"]["exact_match"]["n"] == 4
+  with pytest.raises(ValueError, match="tfds build"):  # the eval loss does need the corpus
+    evaluate.evaluate_run(run)

@@ -24,25 +24,28 @@ from keel_jax import paths
 from keel_jax.data import packing, sources, streaming, tokenizers
 
 # Every field of config.data with its default; a config may omit any of them.
+# The schema and defaults of `config.data` (configs/default.py starts from these).
 DEFAULTS = {
-  "name": "pycode",
-  "tokenizer": "byte",
+  "name": "pycode",  # pycode | kjv | arith | any TFDS text dataset, e.g. lm1b, tiny_shakespeare
+  "tokenizer": "byte",  # byte | sentencepiece
   "seq_len": 128,
-  "data_dir": "",
-  "cache_dir": "",
-  "text_feature": "text",
-  "train_split": "train",
-  "eval_split": "",
-  "val_fraction": 0.05,
+  "data_dir": "",  # TFDS data_dir ('' → TFDS default); may be gs://
+  "cache_dir": "",  # where embedded corpora and tokenizers are prepared ('' → ~/.cache/keel_jax)
+  "text_feature": "text",  # TFDS: the feature holding each document's text
+  "train_split": "train",  # TFDS: training split (slices like 'train[:10%]' work)
+  "eval_split": "",  # TFDS: eval split ('' → validation if the dataset has one, else test)
+  "val_fraction": 0.05,  # pycode | kjv | arith: documents held out, chosen by a hash of their key
+  # auto: TFDS datasets stream through Grain (read by index, tokenized on the fly), embedded
+  # corpora are tokenized once into cache_dir | stream | cache (TFDS too: fine for small sets)
   "pipeline": "auto",
-  "num_threads": 4,
-  "max_train_tokens": 0,
-  "max_eval_tokens": 2_000_000,
-  "spm_vocab_size": 8192,
-  "spm_train_chars": 5_000_000,
-  "spm_model": "",
-  "arith_steps": 4,
-  "arith_num_problems": 100_000,
+  "num_threads": 4,  # stream: Grain threads computing batches ahead of the trainer
+  "max_train_tokens": 0,  # cache: 0 → all; cap on prepared train tokens
+  "max_eval_tokens": 2_000_000,  # cap on prepared validation tokens (stream: read at start-up)
+  "spm_vocab_size": 8192,  # sentencepiece: pieces, trained on a sample of the train split
+  "spm_train_chars": 5_000_000,  # sentencepiece: characters sampled for training
+  "spm_model": "",  # sentencepiece: a trained .model to load ('' → train one into cache_dir)
+  "arith_steps": 4,  # arith: register updates per problem (the difficulty)
+  "arith_num_problems": 100_000,  # arith: problems generated (train + validation)
 }
 PIPELINES = ("auto", "stream", "cache")
 CACHE_FORMAT = 1  # bump when the cached token layout changes

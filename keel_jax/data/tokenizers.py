@@ -13,7 +13,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from keel_jax import paths  # local or gs://
+
 NAMES = ("byte", "sentencepiece")
+RUN_FILE = "tokenizer.model"  # a SentencePiece run's model, kept in its workdir by the trainer
 
 
 def utf8_bytes(text: str) -> bytes:
@@ -66,6 +69,7 @@ class SentencePieceTokenizer:
   def __init__(self, model_proto: bytes):
     import sentencepiece as spm
 
+    self.model_proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self._sha = hashlib.sha256(model_proto).hexdigest()
     self.vocab_size = int(self._sp.get_piece_size())
@@ -79,8 +83,6 @@ class SentencePieceTokenizer:
 
   @classmethod
   def load(cls, path: str) -> SentencePieceTokenizer:
-    from keel_jax import paths  # local or gs://
-
     if not paths.exists(path):
       raise ValueError(f"config.data.spm_model={path!r} does not exist; give a .model file path")
     return cls(paths.read_bytes(path))
