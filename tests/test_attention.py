@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,8 +74,9 @@ IMPLS = {
 
 
 def assert_close(got, want, rtol=1e-5, atol=1e-5):
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol, atol)
+  """Same tree structure and shapes; leaves close (chex compares bfloat16 leaves in float32)."""
+  chex.assert_trees_all_equal_shapes(got, want)
+  chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("impl", ["blocked", "sdpa"])

@@ -4,7 +4,8 @@ The reference below (`ref_*`) re-derives each scheme from its equation (Keel: ar
 Sec. 3; HybridNorm: arXiv 2503.04598) in plain jnp and reads its weights out of the model's
 parameter tree; it shares no code with keel_jax.
 Compiled functions are cached per config (`forward_fn`, `loss_and_grad_fn`), so tests
-that use the same config share one compile.
+that use the same config share one compile. The formula and causality tests run twice, jitted
+and eagerly (chex.variants), each against the reference.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import functools
 import math
 import time
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from keel_jax import residual
 from keel_jax.layers import Attention, rms_norm, rope
@@ -113,11 +116,10 @@ def with_settings(cfg: ModelConfig, **settings) -> ModelConfig:
 
 
 @functools.cache
-def forward_fn(cfg: ModelConfig):
-  """jit(params, tokens, positions) → (logits, per-sub-layer activation RMS)."""
+def unjitted_forward_fn(cfg: ModelConfig):
+  """(params, tokens, positions) → (logits, per-sub-layer activation RMS), not jitted."""
   model = LM(cfg)
 
-  @jax.jit
   def forward(params, tokens_BxT, positions_BxT):
     logits_BxTxV, state = model.apply(
       {"params": params}, tokens_BxT, positions_BxT, mutable=["intermediates"]
@@ -125,6 +127,12 @@ def forward_fn(cfg: ModelConfig):
     return logits_BxTxV, sublayer_activation_rms(state["intermediates"])
 
   return forward
+
+
+@functools.cache
+def forward_fn(cfg: ModelConfig):
+  """jit(unjitted_forward_fn(cfg)); jitting the same function again reuses its compile."""
+  return jax.jit(unjitted_forward_fn(cfg))
 
 
 @functools.cache
@@ -297,12 +305,13 @@ def assert_close(actual, desired, rtol=1e-5, atol_frac=1e-5, err_msg=""):
   np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol, atol, err_msg=err_msg)
 
 
-def assert_trees_close(actual, desired, **kw):
-  a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
-  d_leaves, d_def = jax.tree_util.tree_flatten_with_path(desired)
-  assert a_def == d_def
-  for (path, a), (_, d) in zip(a_leaves, d_leaves, strict=True):
-    assert_close(a, d, err_msg=jax.tree_util.keystr(path), **kw)
+def assert_trees_close(actual, desired, rtol=1e-5, atol_frac=1e-5):
+  """chex.assert_trees_all_close with each leaf's atol relative to its reference's scale, as in
+  assert_close: both trees are divided leaf by leaf by max |desired| (in float64)."""
+  chex.assert_trees_all_equal_shapes(actual, desired)
+  scale = jax.tree.map(lambda d: max(np.abs(np.asarray(d, np.float64)).max(), 1e-30), desired)
+  unit = lambda tree: jax.tree.map(lambda a, s: np.asarray(a, np.float64) / s, tree, scale)
+  chex.assert_trees_all_close(unit(actual), unit(desired), rtol=rtol, atol=atol_frac)
 
 
 def global_norm(tree):
@@ -360,17 +369,39 @@ def formula_case(name):
   return cfg, random_params(cfg, gamma=gamma)
 
 
-@pytest.mark.parametrize("name", list(FORMULA_CFGS) + list(OTHER_GAMMA))
-def test_forward_matches_reference(name):
-  """Logits and per-sub-layer stream RMS equal the schemes' formulas (Keel in α-form)."""
-  cfg, params = formula_case(name)
-  tokens, positions = make_tokens(), make_positions()
-  logits_BxTxV, rms_L = forward_fn(cfg)(params, tokens, positions)
-  ref_logits_BxTxV, ref_rms_L = ref_forward(cfg, params, tokens, positions)
-  assert logits_BxTxV.shape == (B, T, cfg.vocab_size) and logits_BxTxV.dtype == jnp.float32
-  assert rms_L.shape == (cfg.num_sublayers,)
-  assert_close(logits_BxTxV, ref_logits_BxTxV, err_msg=name)
-  assert_close(rms_L, ref_rms_L, err_msg=name)
+def jit_or_eager(variant, fn):
+  """chex's variant of fn (a chex.TestCase's self.variant). chex's no-jit variant calls fn as
+  it is, which still compiles what fn jits inside (the model's scan over blocks); here the
+  no-jit variant runs those op by op too, under jax.disable_jit."""
+  fn = variant(fn)
+  if variant.type is not chex.ChexVariantType.WITHOUT_JIT:
+    return fn
+
+  def eager(*args):
+    with jax.disable_jit():
+      return fn(*args)
+
+  return eager
+
+
+# Tests of chex.TestCase classes run once jitted and once eagerly (chex.variants), each against
+# the reference; the mark keeps them selectable with -k jit_equals_no_jit.
+@pytest.mark.jit_equals_no_jit
+class TestFormulas(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((n, n) for n in list(FORMULA_CFGS) + list(OTHER_GAMMA))
+  def test_forward_matches_reference(self, name):
+    """Logits and per-sub-layer stream RMS equal the schemes' formulas (Keel in α-form)."""
+    cfg, params = formula_case(name)
+    tokens, positions = make_tokens(), make_positions()
+    forward = jit_or_eager(self.variant, unjitted_forward_fn(cfg))
+    logits_BxTxV, rms_L = forward(params, tokens, positions)
+    ref_logits_BxTxV, ref_rms_L = ref_forward(cfg, params, tokens, positions)
+    chex.assert_shape(logits_BxTxV, (B, T, cfg.vocab_size))
+    chex.assert_type(logits_BxTxV, jnp.float32)
+    chex.assert_shape(rms_L, (cfg.num_sublayers,))
+    assert_close(logits_BxTxV, ref_logits_BxTxV, err_msg=name)
+    assert_close(rms_L, ref_rms_L, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -490,25 +521,27 @@ def test_bf16_naive_alpha_sum_loses_branch():
 # -------------------------------------------------------------- 2. causality
 
 
-@pytest.mark.parametrize("scheme", ["keel", "mix_ln"])
-def test_causality_through_gradients(scheme):
-  """d logits[t] / d embedding(token at t') is exactly 0 for t' > t and nonzero for t' <= t."""
-  cfg = FORMULA_CFGS[scheme]
-  params = random_params(cfg, seed=3)
-  tokens_1xT = jax.random.permutation(jax.random.PRNGKey(4), VOCAB)[:T][None]  # distinct tokens
-  w_TxV = jax.random.normal(jax.random.PRNGKey(5), (T, cfg.vocab_size))
-  model = LM(cfg)
+@pytest.mark.jit_equals_no_jit
+class TestCausality(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("keel", "keel"), ("mix_ln", "mix_ln"))
+  def test_causality_through_gradients(self, scheme):
+    """d logits[t] / d embedding(token at t') is exactly 0 for t' > t, nonzero for t' <= t."""
+    cfg = FORMULA_CFGS[scheme]
+    params = random_params(cfg, seed=3)
+    tokens_1xT = jax.random.permutation(jax.random.PRNGKey(4), VOCAB)[:T][None]  # distinct
+    w_TxV = jax.random.normal(jax.random.PRNGKey(5), (T, cfg.vocab_size))
+    model = LM(cfg)
 
-  @jax.jit
-  def per_position(embed_VxD):
-    logits_1xTxV = model.apply({"params": {**params, "embed": embed_VxD}}, tokens_1xT)
-    return jnp.sum(logits_1xTxV[0] * w_TxV, axis=-1)
+    def per_position(embed_VxD):
+      logits_1xTxV = model.apply({"params": {**params, "embed": embed_VxD}}, tokens_1xT)
+      return jnp.sum(logits_1xTxV[0] * w_TxV, axis=-1)
 
-  jac_TxVxD = jax.jacrev(per_position)(params["embed"])
-  influence_TxT = np.linalg.norm(np.asarray(jac_TxVxD[:, tokens_1xT[0], :]), axis=-1)
-  future = np.triu(np.ones((T, T), bool), k=1)
-  assert np.all(influence_TxT[future] == 0.0)
-  assert np.all(influence_TxT[~future] > 1e-6)
+    jac_TxVxD = jit_or_eager(self.variant, jax.jacrev(per_position))(params["embed"])
+    influence_TxT = np.linalg.norm(np.asarray(jac_TxVxD[:, tokens_1xT[0], :]), axis=-1)
+    future = np.triu(np.ones((T, T), bool), k=1)
+    assert np.all(influence_TxT[future] == 0.0)
+    assert np.all(influence_TxT[~future] > 1e-6)
 
 
 # ----------------------------------------------- 3. one stored layout, any memory layout
@@ -646,21 +679,7 @@ def test_branch_remat_skips_attention_output_recompute():
   assert counts["full"] - counts["branch"] == REMAT_BASE.num_blocks
 
 
-# --------------------------------------------------------------- 5. jit == no jit
-
-
-def test_jit_equals_no_jit():
-  """The eager (disable_jit) forward equals the jitted one."""
-  cfg = FORMULA_CFGS["mix_ln"]
-  params = random_params(cfg)
-  tokens, positions = make_tokens(), make_positions()
-  logits_jit, _ = forward_fn(cfg)(params, tokens, positions)
-  with jax.disable_jit():
-    logits_eager = LM(cfg).apply({"params": params}, tokens, positions)
-  assert_close(logits_eager, logits_jit, rtol=1e-5, atol_frac=1e-5)
-
-
-# ------------------------------------------------------------- 6. GQA and RoPE
+# ------------------------------------------------------------- 5. GQA and RoPE
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-5 / 64**2])  # plain, and Keel's ε/α² at α = 64
@@ -764,7 +783,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   assert_close(out_gqa, out_mha, rtol=1e-6, atol_frac=1e-6)
 
 
-# ----------------------------------------------------------------- 7. bf16
+# ----------------------------------------------------------------- 6. bf16
 
 
 def test_bf16_forward_backward():
@@ -787,7 +806,7 @@ def test_bf16_forward_backward():
   assert float(global_norm(grads)) > 0
 
 
-# --------------------------------------------------------- 8. 1024 sub-layers
+# --------------------------------------------------------- 7. 1024 sub-layers
 
 
 def test_keel_1024_sublayers_forward_backward():
@@ -815,10 +834,11 @@ def test_keel_1024_sublayers_forward_backward():
   assert abs((float(loss) - float(stepped)) / predicted - 1) < 0.1, (loss, stepped, predicted)
   g_L = np.asarray(sublayer_norms(weights_only(grads)))
   assert g_L.shape == (1024,)
+  print(f"weights' grad norm max/min: attn {skew(g_L[2::2]):.3g}, ffn {skew(g_L[3::2]):.3g}")
   assert skew(g_L[2::2]) < 2.0 and skew(g_L[3::2]) < 2.0
 
 
-# -------------------------------------------------------- 9. gradient flow at init
+# -------------------------------------------------------- 8. gradient flow at init
 
 
 def weights_only(grads):
@@ -860,11 +880,14 @@ def grad_profiles():
 
 def test_gradient_flow_keel_uniform(grad_profiles):
   """Keel, first block excluded, weights only: per-sub-layer grad norms stay within a small
-  factor, attention and FFN sub-layers separately (their scales differ at init)."""
-  _, g = grad_profiles["keel"]
-  assert g.shape == (2 * DEEP_BLOCKS,) and np.all(np.isfinite(g)) and np.all(g > 0)
-  assert skew(g[2::2]) < 2.0
-  assert skew(g[3::2]) < 2.0
+  factor, attention and FFN sub-layers separately (their scales differ at init). The bound
+  is one a broken residual fails: without a norm after the residual sum (Pre-LN, Sandwich)
+  the same profiles spread beyond it."""
+  for scheme, passes in (("keel", True), ("pre_ln", False), ("sandwich", False)):
+    _, g = grad_profiles[scheme]
+    assert g.shape == (2 * DEEP_BLOCKS,) and np.all(np.isfinite(g)) and np.all(g > 0)
+    for kind in (slice(2, None, 2), slice(3, None, 2)):
+      assert (skew(g[kind]) < 2.0) is passes, (scheme, kind, skew(g[kind]))
 
 
 def test_gradient_flow_pre_ln_more_skewed_than_keel(grad_profiles):
@@ -877,7 +900,7 @@ def test_gradient_flow_pre_ln_more_skewed_than_keel(grad_profiles):
     assert skew(g[kind]) > 2 * skew(g_keel[kind]), (skew(g[kind]), skew(g_keel[kind]))
 
 
-# ------------------------------------------------------------ 10. config validation
+# ------------------------------------------------------------ 9. config validation
 
 
 @pytest.mark.parametrize(
@@ -906,7 +929,7 @@ def test_config_from_dict():
     ModelConfig.from_dict(dict(TINY, d_modle=32))
 
 
-# ----------------------------------------------------------------- 11. introspection
+# ----------------------------------------------------------------- 10. introspection
 
 
 def manual_sublayer_norms(params) -> np.ndarray:

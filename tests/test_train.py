@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -81,8 +82,7 @@ def test_resume_is_bitwise_exact(smoke_run, tmp_path):
   train.train(smoke.get_config(), resumed)
   (step_a, a), (step_b, b) = final_params(workdir), final_params(resumed)
   assert step_a == step_b == 12
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def test_grad_accumulation_matches_one_batch(tmp_path):
@@ -92,15 +92,14 @@ def test_grad_accumulation_matches_one_batch(tmp_path):
   cfg.train.grad_accum_steps = 4
   train.train(cfg, str(tmp_path / "accum"))
   (_, a), (_, b) = final_params(tmp_path / "one"), final_params(tmp_path / "accum")
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 SHARDED = """
-import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import sys
 sys.path.insert(0, {root!r})
-import jax
+import chex
+chex.set_n_cpu_devices({devices})  # fake CPU devices: before jax initializes its backends
 from configs import smoke
 from keel_jax import train
 cfg = smoke.get_config()
@@ -112,12 +111,8 @@ train.train(cfg, {workdir!r})
 
 
 def run_sharded(workdir, shape, steps, devices=8):
-  code = SHARDED.format(root=ROOT, steps=steps, shape=shape, workdir=str(workdir))
+  code = SHARDED.format(root=ROOT, steps=steps, shape=shape, workdir=str(workdir), devices=devices)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  if devices == 1:
-    code = code.replace(
-      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1"
-    )
   proc = subprocess.run(
     [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
   )
@@ -142,8 +137,7 @@ def test_sharded_matches_single_device_and_restores_across_meshes(tmp_path):
       [v for _, v in losses], [v for s, v in reference if s > 8], rtol=1e-4
     )
     (_, a), (_, b) = final_params(tmp_path / name), final_params(tmp_path / "sharded")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-      np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+    chex.assert_trees_all_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -263,8 +257,7 @@ def test_resume_with_other_memory_settings(five_block_run, tmp_path, settings):
   assert later and all(s in got for s in later)
   np.testing.assert_allclose([got[s] for s in later], [want[s] for s in later], rtol=1e-5)
   (_, a), (_, b) = final_params(workdir), final_params(resumed)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_with_another_model_names_the_fields(five_block_run, tmp_path):
