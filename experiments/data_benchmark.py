@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from configs import default
-from keel_jax import builders, data, train
+from keel_jax import builders, data, steps, train
 from keel_jax.data import sources
 
 
@@ -38,7 +38,7 @@ def pipeline_rate(ds, batch_size: int, seconds: float) -> float:
   return (step - 1) * batch_size * ds.seq_len / (time.perf_counter() - t0)
 
 
-def step_rate(config, ds, steps: int = 3) -> float:
+def step_rate(config, ds, num_steps: int = 3) -> float:
   """Tokens/s the jitted train step consumes at this config's batch shape (after compiling)."""
   s = train.setup(config, workdir=None)
   _, shardings, init_fn = builders.abstract_state(s)
@@ -49,10 +49,10 @@ def step_rate(config, ds, steps: int = 3) -> float:
     state, out = step_fn(state, batch)
     jax.block_until_ready(out)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(num_steps):
       state, out = step_fn(state, batch)
     jax.block_until_ready(out)
-  return steps * config.train.batch_size * config.data.seq_len / (time.perf_counter() - t0)
+  return num_steps * config.train.batch_size * config.data.seq_len / (time.perf_counter() - t0)
 
 
 def c4_like_docs(num_docs: int, seed: int = 0) -> list[str]:

@@ -45,8 +45,12 @@ class FakeCells:
     raise AssertionError("the plan never finished")
 
 
-def config(**kw):
+def config(schemes=None, num_blocks=None, **kw):
   c = cfg_module.get_config("cpu")
+  if schemes is not None:
+    c.sweep.residual = schemes
+  if num_blocks is not None:
+    c.sweep.num_blocks = num_blocks
   c.update(kw)
   return c
 
@@ -147,7 +151,7 @@ def test_cell_config_is_what_the_sweep_trains():
   c = cfg_module.get_config("cpu,pre_ln,128,0.00316,2")
   assert (c.model.residual, c.model.num_blocks) == ("pre_ln", 64)
   assert (c.train.learning_rate, c.train.seed, c.data.name) == (0.00316, 2, "pycode")
-  with pytest.raises(ValueError, match="even"):
+  with pytest.raises(ValueError, match="multiple of 2"):
     cfg_module.get_config("cpu,keel,3,0.001,0")
 
 
