@@ -114,9 +114,9 @@ class Cells:
   def get(self, scheme: str, sub_layers: int, lr: float, seed: int) -> Run:
     name = cell_name(scheme, sub_layers, lr, seed)
     rec = cells.read(self.root, name)
-    if rec is None and self.records_dir:  # finished in another session (committed records)
+    if rec is None:  # finished in another session (committed records)
       path = paths.join(self.records_dir, f"{name}.json")
-      rec = common.read_json(path) if paths.exists(path) else None
+      rec = paths.read_json(path) if paths.exists(path) else None
     run = Run(scheme, sub_layers, lr, seed, None)
     cfg = cell_config(self.config, scheme, sub_layers, lr, seed)
     if rec is None or not cells.same_config(rec["config"], cfg.to_dict()):
@@ -386,7 +386,7 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
   table = {(c.scheme, c.sub_layers): c for c in cell_list}
   os.makedirs(out_dir, exist_ok=True)
   rows = []
-  records = paths.join(out_dir, RECORDS)
+  records = records_dir(config, root)
   paths.makedirs(records)
   for c in cell_list:
     for r in c.grid + c.seeds:
