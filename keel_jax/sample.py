@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 
 from keel_jax import checkpoint, paths, restore
 from keel_jax.metrics import quiet_libraries
@@ -212,6 +213,8 @@ def generate_with_stats(
   t3 = time.perf_counter()
 
   result = []
+  if not out_BxN.is_fully_addressable:  # rows decoded on other hosts: every host gets all of them
+    out_BxN = multihost_utils.process_allgather(out_BxN, tiled=True)
   for row in np.asarray(out_BxN).tolist():
     if eos_id is not None and eos_id in row:
       row = row[: row.index(eos_id)]

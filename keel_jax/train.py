@@ -106,7 +106,7 @@ def setup(config, workdir: str | None, devices=None) -> builders.Setup:
 
 def task_list(config) -> list:
   """The downstream tasks config.train.task_eval_every runs ([] when off), checked: names
-  known, TFDS data prepared (opened, not read), generation on one host only."""
+  known, TFDS data prepared (opened, not read)."""
   t = config.train
   every = t.get("task_eval_every", 0)
   if every < 0:
@@ -121,11 +121,6 @@ def task_list(config) -> list:
     raise ValueError(f"config.train.tasks: {e}") from None
   for task in chosen:
     task.docs(config.data.data_dir or None)
-    if isinstance(task, tasks.Generative) and jax.process_count() > 1:
-      raise ValueError(
-        f"config.train.tasks: {task.name!r} generates, which runs on one host only; drop it "
-        "from the training loop and score it afterwards with keel_jax.evaluate"
-      )
   return chosen
 
 

@@ -420,12 +420,13 @@ pairs = [("Question: %d?" % i + " x" * i, " answer %d" % (i * 7)) for i in range
 sharded = tasks.Model(cfg, params, tok, batch_size=4, seq_len=32, mesh=scoring.Mesh(mesh, rules))
 ll, greedy = sharded.loglikelihoods(pairs)
 out = {"sharded": ll.tolist(), "greedy": greedy.tolist(), "dp": sharded.mesh.data_parallel}
-if procs == 1:  # single device, and generation (one host only)
+prompts = ["a=1,b=2,c=3;a+=b;a?", "b=9,c=0,a=4;c=b;c?", "a=5,b=5,c=5;b*=3;b?", "c=7;c-=1;c?"]
+out["gen_sharded"] = sharded.greedy(prompts, 4)  # each host decodes its rows, gets them all
+if procs == 1:  # single device
   local = jax.device_get(params)
   single = tasks.Model(cfg, local, tok, batch_size=4, seq_len=32)
   out["single"], out["single_greedy"] = [x.tolist() for x in single.loglikelihoods(pairs)]
-  prompts = ["a=1,b=2,c=3;a+=b;a?", "b=9,c=0,a=4;c=b;c?", "a=5,b=5,c=5;b*=3;b?"]
-  out["gen_single"], out["gen_sharded"] = single.greedy(prompts, 3), sharded.greedy(prompts, 3)
+  out["gen_single"] = single.greedy(prompts, 4)
 print(json.dumps(out))
 """
 
@@ -473,9 +474,10 @@ def test_sharded_scoring_equals_single_device_and_every_host_agrees():
   assert one["dp"] == 4
   np.testing.assert_allclose(one["sharded"], one["single"], rtol=1e-5, atol=1e-4)
   assert one["greedy"] == one["single_greedy"] and one["gen_single"] == one["gen_sharded"]
+  assert len(set(one["gen_single"])) > 1  # answers differ: a row mix-up would show
   for h in hosts:  # each host scored its rows; every host has every score
     np.testing.assert_allclose(h["sharded"], one["sharded"], rtol=1e-5, atol=1e-5)
-    assert h["greedy"] == one["greedy"]
+    assert h["greedy"] == one["greedy"] and h["gen_sharded"] == one["gen_single"]
 
 
 def test_training_config_checks_its_tasks_before_training(tmp_path):

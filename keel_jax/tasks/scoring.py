@@ -150,14 +150,10 @@ def greedy(
   """Greedy continuations (cut before EOS) of `prompts`, `batch_size` at a time.
 
   Every batch is padded to the same rows and prompt length, so one compile serves the task.
-  With `mesh` it runs under the mesh's rules (single host: params may be sharded).
+  With `mesh` it runs under the mesh's rules, rows sharded over its batch axes; on several hosts
+  every host passes the same prompts, decodes its own rows and gets every row back.
   """
   if mesh is not None:
-    if jax.process_count() > 1:
-      raise ValueError(
-        "generative tasks (arith, gsm8k) run on one host: score them with keel_jax.evaluate "
-        "in a single process"
-      )
     dp = mesh.data_parallel
     batch_size = -(-batch_size // dp) * dp
   else:
