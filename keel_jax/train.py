@@ -44,11 +44,14 @@ MEMORY_SETTINGS = ("scan_layers", "remat_policy", "remat_save_names", "nested_re
                    "attention_impl")  # fmt: skip
 # Data settings that fix the vocabulary, hence the embedding's shape.
 VOCAB_SETTINGS = ("tokenizer", "spm_vocab_size", "spm_model")
+# Train settings that fix the stored optimizer state's dtypes ('' when absent from an older run).
+STATE_DTYPE_SETTINGS = ("mu_dtype", "nu_dtype")
 
 
 def check_resumable(workdir: str, config) -> None:
   """Raises ValueError naming the fields that differ when workdir holds checkpoints of
-  another model (width, depth, scheme, vocabulary) than `config` describes."""
+  another model (width, depth, scheme, vocabulary) or optimizer-state dtype than `config`
+  describes."""
   ckpt_dir = paths.join(workdir, "checkpoints")
   config_json = paths.join(workdir, "config.json")
   if not paths.exists(config_json) or not any(name.isdigit() for name in paths.listdir(ckpt_dir)):
@@ -57,10 +60,15 @@ def check_resumable(workdir: str, config) -> None:
   new = json.loads(config.to_json_best_effort())
   fields = [("model", k) for k in new["model"] if k not in MEMORY_SETTINGS]
   fields += [("data", k) for k in VOCAB_SETTINGS]
+  fields += [("train", k) for k in STATE_DTYPE_SETTINGS]
+
+  def value(cfg, sec, k):
+    return cfg.get(sec, {}).get(k, "" if k in STATE_DTYPE_SETTINGS else None)
+
   differ = [
-    f"{sec}.{k}: {old.get(sec, {}).get(k)!r} → {new[sec].get(k)!r}"
+    f"{sec}.{k}: {value(old, sec, k)!r} → {value(new, sec, k)!r}"
     for sec, k in fields
-    if old.get(sec, {}).get(k) != new[sec].get(k)
+    if value(old, sec, k) != value(new, sec, k)
   ]
   if differ:
     raise ValueError(
