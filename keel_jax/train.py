@@ -291,11 +291,6 @@ def train(config, workdir: str) -> dict:
     if lead:
       print(choice.summary(), flush=True)
   paths.makedirs(workdir)
-  if lead:
-    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    paths.write_json(paths.join(workdir, "data_fingerprint.json"), s.dataset.fingerprint, indent=2)
-    if s.tokenizer.name == "sentencepiece":  # sampling and evaluation read it, not the corpus
-      paths.write_bytes(paths.join(workdir, tokenizers.RUN_FILE), s.tokenizer.model_proto)
 
   # ---- Sharded state: created directly on the mesh, or restored onto it.
   abstract, shardings, init_fn = builders.abstract_state(s)
@@ -310,6 +305,13 @@ def train(config, workdir: str) -> dict:
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(t.seed))
       start = 0
+    # Written once the checkpoints restored: a failed resume leaves the run's files as they were.
+    if lead:
+      paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+      fingerprint = s.dataset.fingerprint
+      paths.write_json(paths.join(workdir, "data_fingerprint.json"), fingerprint, indent=2)
+      if s.tokenizer.name == "sentencepiece":  # sampling and evaluation read it, not the corpus
+        paths.write_bytes(paths.join(workdir, tokenizers.RUN_FILE), s.tokenizer.model_proto)
     train_fn = jax.jit(
       steps.make_train_step(s),
       in_shardings=(shardings, batch_sharding),

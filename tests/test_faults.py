@@ -318,13 +318,17 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(env, reference, t
   workdir = fresh_copy(reference, tmp_path)
   for step in CKPT_STEPS:
     truncate_data(os.path.join(ckpt_dir(workdir), str(step)))
-  r = run(env, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config_json = f.read()
+  r = run(env, workdir, "--config.train.log_every=3")
   assert r.proc.returncode == 2, r.stderr[-3000:]
   line = error_line(r)
   print(line)
   assert line.startswith("error: no readable checkpoint in") and "[12, 8, 4]" in line, line
   assert "steps 0→" not in r.stdout
   assert sorted(os.listdir(ckpt_dir(workdir))) == sorted(map(str, CKPT_STEPS))
+  with open(os.path.join(workdir, "config.json")) as f:  # the failed attempt's config is not kept
+    assert f.read() == config_json
 
 
 # ------------------------------------------------------------------ unwritable storage
