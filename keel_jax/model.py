@@ -397,6 +397,7 @@ class Segment(nn.Module):
   rule: residual.BlockRule
   length: int
   decode: bool = False
+  hold_backward: bool = False  # another segment follows: see hold_backward
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
@@ -409,8 +410,39 @@ class Segment(nn.Module):
       trans_out_fn=per_collection(stored_layout),
       init=self.is_initializing(),
     )(cfg, self.rule, n, self.decode, name="stack")
-    carry = stack(start_carry(cfg, x_BxTxD), positions_BxT, keep_Nx2)
-    return nn.with_logical_constraint(settle(cfg, self.rule, carry), ("batch", "seq", "embed"))
+
+    def run(mdl, x_BxTxD, positions_BxT):
+      return settle(cfg, self.rule, mdl(start_carry(cfg, x_BxTxD), positions_BxT, keep_Nx2))
+
+    plain = self.is_initializing() or self.is_mutable_collection("intermediates")
+    if self.hold_backward and keep_Nx2 is None and not plain:
+      run = hold_backward(run)
+    return nn.with_logical_constraint(run(stack, x_BxTxD, positions_BxT), ("batch", "seq", "embed"))
+
+
+def hold_backward(fn):
+  """fn(module, x, positions) whose backward starts only once the output's cotangent exists.
+
+  The backward of a rematerialized segment recomputes its forward from saved inputs that are
+  ready long before the later segments' backward has produced this segment's cotangent, and XLA
+  then hoists the recompute, so its activations are live beside the later segment's backward
+  (a lone first Keel block: one block's activations extra). Making the saved values depend on
+  the cotangent ties the recompute to it. Same values and grads (a non-finite g[0, 0, 0] makes
+  this segment's grads non-finite, as it would through any real path).
+  """
+
+  def forward(mdl, x_BxTxD, positions_BxT):
+    return nn.vjp(fn, mdl, x_BxTxD, positions_BxT)
+
+  def backward(vjp_fn, g_BxTxD):
+    # A data dependence, which XLA's scheduler cannot reorder (it drops optimization barriers
+    # on CPU): every saved float gets 0·g[0, 0, 0] added. x·0 is not folded for floats.
+    zero = 0.0 * g_BxTxD[(0,) * g_BxTxD.ndim]
+    floating = lambda r: isinstance(r, jax.Array) and jnp.issubdtype(r.dtype, jnp.floating)
+    tie = lambda r: r + zero.astype(r.dtype) if floating(r) else r
+    return jax.tree.map(tie, vjp_fn)(g_BxTxD)
+
+  return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)
 
 
 class LM(nn.Module):
@@ -451,10 +483,13 @@ class LM(nn.Module):
     if sublayer_mask is not None:
       keep_Nx2 = jnp.asarray(sublayer_mask, jnp.float32).reshape(cfg.num_blocks, 2)
     start = 0
-    for i, (rule, length) in enumerate(cfg.layout()):
+    layout = cfg.layout()
+    for i, (rule, length) in enumerate(layout):
       keep = None if keep_Nx2 is None else keep_Nx2[start : start + length]
       start += length
-      segment = Segment(cfg, rule, length, self.decode, name=f"segment_{i}")
+      hold = i + 1 < len(layout) and cfg.scan_layers and cfg.remat_policy != "none"
+      hold = hold and not self.decode
+      segment = Segment(cfg, rule, length, self.decode, hold, name=f"segment_{i}")
       x_BxTxD = segment(x_BxTxD, positions_BxT, keep)
     x_BxTxD = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
