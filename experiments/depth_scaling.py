@@ -430,7 +430,13 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
           + "`",
         }
       )
-  missing_md = common.write_table(os.path.join(out_dir, "missing"), ["cell", "command"], missing)
+  missing_md = ""
+  if missing:
+    missing_md = common.write_table(os.path.join(out_dir, "missing"), ["cell", "command"], missing)
+  else:  # a finished sweep has no missing table (and no stale one from an earlier aggregation)
+    for ext in (".csv", ".md"):
+      if paths.exists(os.path.join(out_dir, "missing" + ext)):
+        os.remove(os.path.join(out_dir, "missing" + ext))
   plot(config, table, depths, os.path.join(out_dir, "depth_vs_metric.png"))
   lines = verdict(config, table, depths)
   notes = "\n".join(f"* {c.scheme} at {c.sub_layers}: {c.state}. {c.note}" for c in cell_list)
