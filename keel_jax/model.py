@@ -397,7 +397,7 @@ class Segment(nn.Module):
   rule: residual.BlockRule
   length: int
   decode: bool = False
-  hold_backward: bool = False  # another segment follows: see hold_backward
+  followed: bool = False  # another segment comes after this one (see hold_backward)
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
@@ -414,8 +414,10 @@ class Segment(nn.Module):
     def run(mdl, x_BxTxD, positions_BxT):
       return settle(cfg, self.rule, mdl(start_carry(cfg, x_BxTxD), positions_BxT, keep_Nx2))
 
+    # Only a rematerialized training forward has a recompute to hold back.
+    remat = cfg.scan_layers and cfg.remat_policy != "none" and not self.decode
     plain = self.is_initializing() or self.is_mutable_collection("intermediates")
-    if self.hold_backward and keep_Nx2 is None and not plain:
+    if self.followed and remat and keep_Nx2 is None and not plain:
       run = hold_backward(run)
     return nn.with_logical_constraint(run(stack, x_BxTxD, positions_BxT), ("batch", "seq", "embed"))
 
@@ -487,9 +489,8 @@ class LM(nn.Module):
     for i, (rule, length) in enumerate(layout):
       keep = None if keep_Nx2 is None else keep_Nx2[start : start + length]
       start += length
-      hold = i + 1 < len(layout) and cfg.scan_layers and cfg.remat_policy != "none"
-      hold = hold and not self.decode
-      segment = Segment(cfg, rule, length, self.decode, hold, name=f"segment_{i}")
+      followed = i + 1 < len(layout)
+      segment = Segment(cfg, rule, length, self.decode, followed, name=f"segment_{i}")
       x_BxTxD = segment(x_BxTxD, positions_BxT, keep)
     x_BxTxD = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
