@@ -434,9 +434,9 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
   if missing:
     missing_md = common.write_table(os.path.join(out_dir, "missing"), ["cell", "command"], missing)
   else:  # a finished sweep has no missing table (and no stale one from an earlier aggregation)
-    for ext in (".csv", ".md"):
-      if paths.exists(os.path.join(out_dir, "missing" + ext)):
-        os.remove(os.path.join(out_dir, "missing" + ext))
+    for stale in (paths.join(out_dir, "missing" + ext) for ext in (".csv", ".md")):
+      if paths.exists(stale):
+        paths.path(stale).unlink()  # epath: a gs:// results dir too
   plot(config, table, depths, os.path.join(out_dir, "depth_vs_metric.png"))
   lines = verdict(config, table, depths)
   notes = "\n".join(f"* {c.scheme} at {c.sub_layers}: {c.state}. {c.note}" for c in cell_list)
