@@ -248,7 +248,7 @@ def seed_values(cell: Cell, metric: str) -> list[float]:
   return [getattr(r, metric) for r in [cell.best] + cell.seeds if r.record is not None]
 
 
-def verdict(config, table: dict[tuple[str, int], Cell], depths) -> list[str]:
+def verdict(config, table: dict[tuple[str, int], Cell], depths, unigram=math.nan) -> list[str]:
   out = [
     f"Test: Welch's unequal-variance t-test over the seeds at each scheme's chosen LR, two-sided, "
     f"α = {ALPHA}; a difference is 'beyond seed noise' when p < α. The LR is chosen at seed "
@@ -303,6 +303,19 @@ def verdict(config, table: dict[tuple[str, int], Cell], depths) -> list[str]:
         )
       )
   for s in config.sweep.residual:
+    # Runs of a cell that trains which still did not learn beyond token frequencies.
+    stuck = [
+      f"{d} (LR {r.lr:.3g}, seed {r.seed}: {r.eval_loss:.3f})"
+      for d in depths
+      if table[(s, d)].state == "done" and math.isfinite(unigram)
+      for r in table[(s, d)].grid + table[(s, d)].seeds
+      if r.record is not None and not r.eval_loss < unigram - config.fail_margin
+    ]
+    if stuck:
+      out.append(
+        f"{s}: runs within {config.fail_margin} nats of the unigram loss {unigram:.3f} (or "
+        f"non-finite) in cells that train: {', '.join(stuck)}."
+      )
     fails = [d for d in depths if table[(s, d)].state in ("failed", "skipped")]
     if fails:
       out.append(f"{s}: fails (or is not run after failing) at {fails} sub-layers.")
@@ -438,7 +451,7 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
       if paths.exists(stale):
         paths.path(stale).unlink()  # epath: a gs:// results dir too
   plot(config, table, depths, os.path.join(out_dir, "depth_vs_metric.png"))
-  lines = verdict(config, table, depths)
+  lines = verdict(config, table, depths, unigram)
   notes = "\n".join(f"* {c.scheme} at {c.sub_layers}: {c.state}. {c.note}" for c in cell_list)
   older = sum(r["code"] != "source" for r in rows)
   stale_note = (

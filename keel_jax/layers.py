@@ -180,10 +180,13 @@ class Attention(nn.Module):
     return nn.with_logical_constraint(out_BxTxD, ("batch", "seq", "embed"))
 
   def _cached(self, k_BxTxKxE, v_BxTxKxE, positions_BxT):
-    """Appends this call's keys/values to the cache; returns the whole cache.
+    """The cache's keys/values with this call's in the next free slots.
 
     Each slot remembers its key's position (empty slots hold int32 max), so the
-    causal rule k_pos <= q_pos also hides empty slots and left padding.
+    causal rule k_pos <= q_pos also hides empty slots and left padding. The cache is only
+    read here: the new entries go to collection "cache_new", and `append_to_cache` writes
+    them into the stacked cache once per step (in place), where returning each layer's
+    updated cache from the layer scan would rewrite the whole cache every token.
     """
     ready = self.has_variable("cache", "k")
     b, t, kh, e = k_BxTxKxE.shape
@@ -191,14 +194,34 @@ class Attention(nn.Module):
     v_c = self.variable("cache", "v", jnp.zeros, (b, t, kh, e), v_BxTxKxE.dtype)
     pos_c = self.variable("cache", "pos", jnp.full, (b, t), jnp.iinfo(jnp.int32).max, jnp.int32)
     idx = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+    pos_BxT = positions_BxT.astype(jnp.int32)
     if not ready:  # the init call only allocates
       return k_BxTxKxE, v_BxTxKxE, positions_BxT
+    for name, new in (("k", k_BxTxKxE), ("v", v_BxTxKxE), ("pos", pos_BxT)):
+      self.put_variable("cache_new", name, new)
     i = idx.value
-    k_c.value = jax.lax.dynamic_update_slice(k_c.value, k_BxTxKxE, (0, i, 0, 0))
-    v_c.value = jax.lax.dynamic_update_slice(v_c.value, v_BxTxKxE, (0, i, 0, 0))
-    pos_c.value = jax.lax.dynamic_update_slice(pos_c.value, positions_BxT.astype(jnp.int32), (0, i))
-    idx.value = i + t
-    return k_c.value, v_c.value, pos_c.value
+    return (
+      jax.lax.dynamic_update_slice(k_c.value, k_BxTxKxE, (0, i, 0, 0)),
+      jax.lax.dynamic_update_slice(v_c.value, v_BxTxKxE, (0, i, 0, 0)),
+      jax.lax.dynamic_update_slice(pos_c.value, pos_BxT, (0, i)),
+    )
+
+
+def append_to_cache(cache, new):
+  """The cache after a step: each attention's "cache_new" entries written at its index.
+
+  A scanned attention's variables carry leading layer axes (as many as its index has); every
+  layer of a stack is at the same index.
+  """
+  if "index" not in cache:
+    return {name: append_to_cache(sub, new[name]) for name, sub in cache.items()}
+  lead = cache["index"].ndim
+  i = cache["index"].reshape(-1)[0]
+  out = {"index": cache["index"] + new["pos"].shape[lead + 1]}
+  for name in ("k", "v", "pos"):
+    at = (0,) * (lead + 1) + (i,) + (0,) * (cache[name].ndim - lead - 2)
+    out[name] = jax.lax.dynamic_update_slice(cache[name], new[name].astype(cache[name].dtype), at)
+  return out
 
 
 class FFN(nn.Module):

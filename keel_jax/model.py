@@ -247,7 +247,7 @@ def scan(module_cls, length: int, axis: str = "layers"):
   """`module_cls` applied `length` times, parameters stacked on a leading `axis`."""
   return nn.scan(
     module_cls,
-    variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+    variable_axes={"params": 0, "intermediates": 0, "cache": 0, "cache_new": 0},
     split_rngs={"params": True},
     in_axes=(nn.broadcast, 0),  # positions; per-block keep mask (or None)
     length=length,
@@ -450,8 +450,9 @@ def hold_backward(fn):
 class LM(nn.Module):
   """Causal language model; returns fp32 logits [B, T, V].
 
-  With decode=True every attention keeps a KV cache (collection "cache", stacked
-  on the layers axis); `positions_BxT` then places the new tokens.
+  With decode=True every attention reads a KV cache (collection "cache", stacked on the
+  layers axis) and puts this call's keys/values in collection "cache_new", which
+  `layers.append_to_cache` writes into it; `positions_BxT` then places the new tokens.
   `sublayer_mask` ([2·num_blocks] of 0/1, order attn_0, ffn_0, ...): where 0 the
   sub-layer is removed (x_{l+1} = x_l); None runs every sub-layer.
   """

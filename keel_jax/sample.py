@@ -21,6 +21,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 
 from keel_jax import checkpoint, paths, restore
+from keel_jax.layers import append_to_cache
 from keel_jax.metrics import quiet_libraries
 from keel_jax.model import LM, ModelConfig
 
@@ -47,17 +48,20 @@ def prefill(cfg: ModelConfig, params, tokens_BxP, positions_BxP, length: int):
   shape_BxS = (tokens_BxP.shape[0], length)
   cache = model.init(jax.random.key(0), jnp.zeros(shape_BxS, jnp.int32))["cache"]
   logits_BxPxV, v = model.apply(
-    {"params": params, "cache": cache}, tokens_BxP, positions_BxP, mutable=["cache"]
+    {"params": params, "cache": cache}, tokens_BxP, positions_BxP, mutable=["cache_new"]
   )
-  return logits_BxPxV, v["cache"]
+  return logits_BxPxV, append_to_cache(cache, v["cache_new"])
 
 
 def decode_step(cfg: ModelConfig, params, cache, tokens_B, positions_B):
   """One token per row at `positions_B`, attending to the cache → (logits [B, V], cache)."""
   logits_Bx1xV, v = LM(cfg, decode=True).apply(
-    {"params": params, "cache": cache}, tokens_B[:, None], positions_B[:, None], mutable=["cache"]
+    {"params": params, "cache": cache},
+    tokens_B[:, None],
+    positions_B[:, None],
+    mutable=["cache_new"],
   )
-  return logits_Bx1xV[:, 0], v["cache"]
+  return logits_Bx1xV[:, 0], append_to_cache(cache, v["cache_new"])
 
 
 # ---------------------------------------------------------------- choosing tokens

@@ -1,11 +1,13 @@
-"""Committed results agree with their CSVs: every table.md-style file renders its CSV, and every
-table in a results README is one of those files verbatim (no hand-edited numbers)."""
+"""Committed results agree with their CSVs: every table.md-style file renders its CSV, every
+table in a results README is one of those files verbatim (no hand-edited numbers), and the top
+README quotes its verdicts from what the experiments wrote."""
 
 from __future__ import annotations
 
 import csv
 import glob
 import os
+import re
 
 import pytest
 
@@ -83,3 +85,34 @@ def test_readme_tables_are_committed_tables(readme):
   with open(readme) as f:
     for table in tables_in(f.read()):
       assert table in known, f"{readme} has a table that no CSV-backed .md holds:\n{table}"
+
+
+def _reproducing_section() -> str:
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  start = text.index("## Reproducing the paper")
+  return text[start : text.index("\n## ", start + 1)]
+
+
+def test_readme_verdicts_are_quoted_from_results():
+  """Each quote (a '> ' paragraph) in README's "Reproducing the paper" is part of a verdict line
+  an experiment wrote, and each mean ± std there is in a committed table."""
+  section = _reproducing_section()
+  written = ""
+  for path in glob.glob(os.path.join(RESULTS, "*", "*.md")):
+    with open(path) as f:
+      written += f.read()
+  quotes, cur = [], []
+  for line in section.splitlines() + [""]:
+    if line.startswith("> "):
+      cur.append(line[2:].strip())
+    elif cur:
+      quotes.append(" ".join(cur))
+      cur = []
+  assert len(quotes) >= 5, "the section quotes no computed verdicts"
+  for q in quotes:
+    assert q in written, f"README quotes a verdict no experiment wrote: {q}"
+  spreads = re.findall(r"\d+\.\d+ ± \d+\.\d+", section)
+  assert spreads, "the section shows no seed spread"
+  for s in spreads:
+    assert s in written, f"README shows {s}, which no committed table holds"
