@@ -313,8 +313,9 @@ def verdict(config, table: dict[tuple[str, int], Cell], depths, unigram=math.nan
     ]
     if stuck:
       out.append(
-        f"{s}: runs within {config.fail_margin} nats of the unigram loss {unigram:.3f} (or "
-        f"non-finite) in cells that train: {', '.join(stuck)}."
+        f"{s}: runs no better than the unigram loss {unigram:.3f} (less than "
+        f"{config.fail_margin} nats below it, or non-finite) in cells that train: "
+        f"{', '.join(stuck)}."
       )
     fails = [d for d in depths if table[(s, d)].state in ("failed", "skipped")]
     if fails:

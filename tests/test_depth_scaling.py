@@ -128,8 +128,10 @@ def test_welch_verdict_needs_a_gap_beyond_the_seed_spread():
   table[("pre_ln", 128)] = cell("pre_ln", 128, [2.5, 2.51, 3.0])
   c.fail_margin = 0.05
   stuck = [v for v in ds.verdict(c, table, [64, 128], unigram=3.02) if "unigram" in v]
-  assert stuck == ["pre_ln: runs within 0.05 nats of the unigram loss 3.020 (or "
-                   "non-finite) in cells that train: 128 (LR 0.001, seed 2: 3.000)."]  # fmt: skip
+  assert stuck == [
+    "pre_ln: runs no better than the unigram loss 3.020 (less than 0.05 nats below it, or "
+    "non-finite) in cells that train: 128 (LR 0.001, seed 2: 3.000)."
+  ]
 
 
 def test_same_config_ignores_bookkeeping_and_added_fields():
