@@ -141,3 +141,13 @@ def test_ci_preset(tmp_path):
   assert md.strip() in proc.stdout  # the table is printed as written
   (printed,) = [ln for ln in md.splitlines() if ln.startswith(f"| {step_time['target']} |")]
   assert f"| {step_time['result']} |" in printed
+
+
+def test_targets_of_a_run_of_some_sections():
+  """`--sections=decode` judges only what it measured (it used to fail on missing rows)."""
+  from experiments import benchmark
+
+  c = ci_config()
+  rows = [("decode", f"L={d} d=32", "kv_speedup", 12.0, "x") for d in c.decode.depths]
+  got = [(name.split(",")[0], result) for name, _, _, result, _ in benchmark.targets(c, rows)]
+  assert got == [("4. KV-cache decode / re-forward tokens/s", "PASS")] * len(c.decode.depths)
