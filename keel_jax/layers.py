@@ -197,6 +197,11 @@ class Attention(nn.Module):
     pos_BxT = positions_BxT.astype(jnp.int32)
     if not ready:  # the init call only allocates
       return k_BxTxKxE, v_BxTxKxE, positions_BxT
+    if self.is_mutable_collection("cache"):  # the cache would silently stay as it was
+      raise ValueError(
+        "decoding applies the model with mutable=['cache_new'] and writes it into the cache "
+        "with layers.append_to_cache (see sample.decode_step), not mutable=['cache']"
+      )
     for name, new in (("k", k_BxTxKxE), ("v", v_BxTxKxE), ("pos", pos_BxT)):
       self.put_variable("cache_new", name, new)
     i = idx.value

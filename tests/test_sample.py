@@ -119,6 +119,16 @@ def test_left_padded_batch_matches_full_forward(case):
     np.testing.assert_allclose(dec[i], full[i, n : n + N], rtol=1e-5, atol=1e-5)
 
 
+def test_decode_with_the_cache_mutable_is_refused():
+  """The layer scan no longer returns the cache: mutable=["cache"] would leave it unchanged."""
+  cfg = make_cfg(num_blocks=2)
+  tokens_Bx1 = jnp.zeros((1, 1), jnp.int32)
+  model = LM(cfg, decode=True)
+  cache = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["cache"]
+  with pytest.raises(ValueError, match="append_to_cache"):
+    model.apply({"params": random_params(cfg), "cache": cache}, tokens_Bx1, mutable=["cache"])
+
+
 def test_decode_program_does_not_grow_with_depth():
   """The lowered decode loop for 64 blocks is the 2-block one with other shapes."""
 
