@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -141,7 +142,7 @@ def environment() -> dict:
     pass
   module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
   return {
-    "command": " ".join(["python -m", module, *sys.argv[1:]]),
+    "command": " ".join(["python -m", module, *map(shlex.quote, sys.argv[1:])]),  # pasteable
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()}",
     "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind}) × {jax.device_count()}",
