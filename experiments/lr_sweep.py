@@ -179,13 +179,19 @@ def verdict(config, results: dict) -> list[str]:
         for s in order
       )
     )
+
+  def keel_vs(s, d) -> tuple[float, float, bool]:
+    """(Keel's mean max LR over s's, Welch p, Keel larger beyond seed noise) at depth d."""
+    k, o = seed_lrs(config, results, "keel", d), seed_lrs(config, results, s, d)
+    pv = welch(k, o)
+    return float(np.mean(k) / np.mean(o)), pv, bool(np.mean(k) > np.mean(o) + res and pv < 0.05)
+
   if "keel" in config.sweep.residual and "pre_ln" in config.sweep.residual:
     parts, beyond = [], []
     for d in depths:
-      k, p = seed_lrs(config, results, "keel", d), seed_lrs(config, results, "pre_ln", d)
-      pv = welch(k, p)
-      parts.append(f"{np.mean(k) / np.mean(p):.2f}× at {d} (p={pv:.3g})")
-      if np.mean(k) > np.mean(p) + res and pv < 0.05:
+      ratio, pv, larger = keel_vs("pre_ln", d)
+      parts.append(f"{ratio:.2f}× at {d} (p={pv:.3g})")
+      if larger:
         beyond.append(d)
     out.append(
       "Keel tolerates a larger LR than Pre-LN (paper: 1.32× at 64, 1.35× at 512 sub-layers); "
@@ -211,10 +217,9 @@ def verdict(config, results: dict) -> list[str]:
     parts, within = [], []
     for s in post:
       for d in depths:
-        k, o = seed_lrs(config, results, "keel", d), seed_lrs(config, results, s, d)
-        pv = welch(k, o)
-        parts.append(f"{s} at {d}: {np.mean(k) / np.mean(o):.2f}× (p={pv:.3g})")
-        if not (np.mean(k) > np.mean(o) + res and pv < 0.05):
+        ratio, pv, larger = keel_vs(s, d)
+        parts.append(f"{s} at {d}: {ratio:.2f}× (p={pv:.3g})")
+        if not larger:
           within.append(f"{s} at {d}")
     out.append(
       "Keel tolerates a larger LR than every Post-LN variant (paper: ~10× or more); here: "
