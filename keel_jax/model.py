@@ -256,9 +256,20 @@ def scan(module_cls, length: int, axis: str = "layers"):
 
 
 def nested_split(n: int) -> tuple[int, int]:
-  """(groups, group size) for √L nested remat; n - groups·size blocks run as a plain tail."""
+  """(groups, group size) for √L nested remat; n - groups·size blocks run as a plain tail.
+
+  An exact factorization n = groups·size is preferred while its live carries (groups + size)
+  stay within twice the √n split's: a tail means slicing the stacked parameters, which copies
+  them, and concatenating their gradients, which copies those (two parameter-sized buffers).
+  """
   size = max(1, round(math.sqrt(n)))
-  return n // size, size
+  groups = n // size
+  exact = [(n // d, d) for d in range(2, n) if n % d == 0]
+  if groups * size != n and exact:
+    best = min(exact, key=sum)
+    if sum(best) <= 2 * (groups + size + n - groups * size):
+      return best
+  return groups, size
 
 
 def nested_groups(cfg: ModelConfig, n: int) -> tuple[int, int]:

@@ -18,17 +18,22 @@ def make_train_step(s: Setup):
   model, t = LM(s.model_cfg), s.config.train
   accum = t.grad_accum_steps
 
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, count):
     logits = model.apply({"params": params}, batch["inputs"])
-    total, nll, count = loss.cross_entropy(logits, batch["targets"], batch["weights"], t.z_loss)
-    return total, (nll, count)
+    total, nll, _ = loss.cross_entropy(logits, batch["targets"], batch["weights"], t.z_loss)
+    # Divided before differentiating, so the gradients come out normalized: dividing them
+    # after would hold a second parameter-sized buffer.
+    return total / count, nll
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, batch):
     params = state["params"]
+    # Sums over tokens, normalized once by the whole batch's count: accumulation equals one
+    # big batch.
+    count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     if accum == 1:
-      (_, (nll, count)), grads = grad_fn(params, batch)
+      (_, nll), grads = grad_fn(params, batch, count)
     else:
       # Strided micro-batches: every data shard holds a slice of each one.
       micro = jax.tree.map(
@@ -36,14 +41,11 @@ def make_train_step(s: Setup):
       )
 
       def body(carry, mb):
-        (_, (nll, count)), grads = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (grads, nll, count)), None
+        (_, nll), grads = grad_fn(params, mb, count)
+        return jax.tree.map(jnp.add, carry, (grads, nll)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-      (grads, nll, count), _ = jax.lax.scan(body, zeros, micro)
-    # Sums over tokens, normalized once: accumulation equals one big batch.
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
+      zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
+      (grads, nll), _ = jax.lax.scan(body, zeros, micro)
     loss_value = nll / count
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = s.tx.update(grads, state["opt_state"], params)
@@ -59,8 +61,9 @@ def make_train_step(s: Setup):
     out = {
       "train/loss": loss_value,
       "train/grad_norm": grad_norm,
-      "train/param_norm": optax.tree.norm(params),
-      "train/update_norm": optax.tree.norm(updates),
+      # The new parameters, not the old: a read of the old ones that the update does not wait
+      # for makes XLA copy every donated parameter (so there is no update norm either).
+      "train/param_norm": optax.tree.norm(new["params"]),
       "train/learning_rate": s.schedule(state["step"]),
       "train/tokens": count,
       "finite": finite,
@@ -68,7 +71,7 @@ def make_train_step(s: Setup):
     if t.diag_every:
       out["diag/grad_norm_per_sublayer"] = sublayer_norms(grads)
       out["diag/grad_rms_per_sublayer"] = sublayer_norms(grads, rms=True)
-      out["diag/param_rms_per_sublayer"] = sublayer_norms(params, rms=True)
+      out["diag/param_rms_per_sublayer"] = sublayer_norms(new["params"], rms=True)
     return new, out
 
   return step

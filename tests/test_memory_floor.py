@@ -12,10 +12,10 @@ def test_live_carries_per_block_and_nested():
   flat = ModelConfig(vocab_size=64, residual="keel", num_blocks=9)
   nested = ModelConfig(vocab_size=64, residual="keel", num_blocks=9, nested_remat=True)
   assert memory_floor.live_carries(flat) == 9
-  # The run of 8: 2 groups of 3 (2 carries), one group recomputed (3), a tail of 2.
-  assert memory_floor.live_carries(nested) == 1 + 2 + 3 + 2
+  # The run of 8: 4 groups of 2 (4 carries), one group recomputed (2), no tail.
+  assert memory_floor.live_carries(nested) == 1 + 4 + 2
   deep = ModelConfig(vocab_size=64, residual="pre_ln", num_blocks=512, nested_remat=True)
-  assert memory_floor.live_carries(deep) == 22 + 23 + 6  # 22 groups of 23, a tail of 6: ≈ 2√L
+  assert memory_floor.live_carries(deep) == 32 + 16  # 32 groups of 16: ≈ 2√L
 
 
 def test_floor_arithmetic():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -227,3 +228,17 @@ def test_bf16_moments_stay_bf16_and_track_fp32():
   moved = np.abs(np.asarray(runs[""][0] - params["w"])).max()
   diff = np.abs(np.asarray(runs["bfloat16"][0] - runs[""][0])).max()
   assert 0 < diff < 0.05 * moved  # different rounding, same trajectory
+
+
+def test_clipping_equals_optax_clip_by_global_norm():
+  """Our fused-friendly clip is optax's clip_by_global_norm (same values, same empty state)."""
+  tree = {"a": jnp.arange(6.0).reshape(2, 3) - 2.5, "b": jnp.full((4,), 0.3)}
+  for max_norm in (0.1, 1.0, 100.0):
+    ours, theirs = opt.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))
+    got, _ = ours.update(tree, ours.init(tree))
+    want, _ = theirs.update(tree, theirs.init(tree))
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+  zeros = jax.tree.map(jnp.zeros_like, tree)
+  got, _ = opt.clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
+  chex.assert_trees_all_equal(got, zeros)  # a zero gradient stays zero, not NaN
