@@ -304,14 +304,18 @@ def verdict(config, table: dict[tuple[str, int], Cell], depths, unigram=math.nan
       )
   for s in config.sweep.residual:
     # Runs of a cell that trains which still did not learn beyond token frequencies.
-    stuck = [
-      f"{d} (LR {r.lr:.3g}, seed {r.seed}: {r.eval_loss:.3f})"
-      for d in depths
-      if table[(s, d)].state == "done"
-      for r in table[(s, d)].grid + table[(s, d)].seeds
-      if r.record is not None and not r.eval_loss < unigram - config.fail_margin
-    ]
-    if stuck and math.isfinite(unigram):
+    stuck = (
+      [
+        f"{d} (LR {r.lr:.3g}, seed {r.seed}: {r.eval_loss:.3f})"
+        for d in depths
+        if table[(s, d)].state == "done"
+        for r in table[(s, d)].grid + table[(s, d)].seeds
+        if r.record is not None and not r.eval_loss < unigram - config.fail_margin
+      ]
+      if math.isfinite(unigram)
+      else []
+    )
+    if stuck:
       out.append(
         f"{s}: runs no better than the unigram loss {unigram:.3f} (less than "
         f"{config.fail_margin} nats below it, or non-finite) in cells that train: "

@@ -264,11 +264,12 @@ def nested_split(n: int) -> tuple[int, int]:
   """
   size = max(1, round(math.sqrt(n)))
   groups = n // size
+  if groups * size == n:
+    return groups, size
   exact = [(n // d, d) for d in range(2, n) if n % d == 0]
-  if groups * size != n and exact:
-    best = min(exact, key=sum)
-    if sum(best) <= 2 * (groups + size + n - groups * size):
-      return best
+  best = min(exact, key=sum, default=None)
+  if best and sum(best) <= 2 * (groups + size + n - groups * size):
+    return best
   return groups, size
 
 
