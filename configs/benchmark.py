@@ -44,6 +44,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # is "full", which recomputes the forward: FLOPs MFU does not count; "branch" keeps each
   # sub-layer's output, which Keel's LN_out backward needs, instead of recomputing it).
   c.step.extra_remat_policies = ("branch",)
+  c.step.repeats = 5  # rounds of the step section: more than c.repeats, as its ratios are paired
   c.step.peer = True  # the plain Pre-LN PeerLM (experiments/benchmark.py) at the same size
 
   # Peak memory vs depth per remat policy ("nested" = full remat + √L nested remat).
@@ -96,6 +97,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.compile.unrolled_depths = (16,)
     c.compile.seq_len = 32
     c.compile.repeats = 1
+    c.step.repeats = 2
     c.step.model = dict(d_model=64, num_heads=4, num_kv_heads=2, num_blocks=1)
     c.step.seq_len, c.step.batch_size = 256, 2
     c.step.attention_impls = ("reference", "blocked")

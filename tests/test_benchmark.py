@@ -44,7 +44,8 @@ def expected_rows(c) -> set[tuple[str, str]]:
       rows.add(("step", f"{residual} attention=blocked d={d} T={t}", metric))
   for metric in ("step_ms", "tokens_per_s", "step_bytes_mb", "floor_mb"):
     rows.add(("step", f"peer (plain Pre-LN, einsum, no scan, no remat) d={d} T={t}", metric))
-  for metric in ("step_time_ratio", "step_bytes_ratio", "dot_general_ratio"):
+  for metric in ("step_time_ratio", "step_time_ratio_min", "step_time_ratio_max",
+                 "step_bytes_ratio", "dot_general_ratio"):  # fmt: skip
     rows.add(("step", "keel/pre_ln attention=blocked", metric))
   rows.add(("step", "keel attention=blocked / peer", "tokens_per_s_ratio"))
   for depth in c.memory.depths:
@@ -107,13 +108,16 @@ def test_ci_preset(tmp_path):
   values = {_key(r): float(r["value"]) for r in rows}
   assert values["device", "matmul_peak_measured"] > 1.0  # GFLOP/s
   # Speed targets are judged by the printed PASS/FAIL, not here (a loaded machine may miss
-  # them); the test checks the ratio is what the benchmark measured and judged.
+  # them); the test checks the ratio is the median of the paired per-round ratios it prints.
   shape = f"d={c.step.model['d_model']} T={c.step.seq_len}"
   keel_ms = values["step", f"keel attention=blocked {shape}", "step_ms"]
   pre_ln_ms = values["step", f"pre_ln attention=blocked {shape}", "step_ms"]
   assert 0 < keel_ms < math.inf and 0 < pre_ln_ms < math.inf, (keel_ms, pre_ln_ms)
-  ratio = values["step", "keel/pre_ln attention=blocked", "step_time_ratio"]
-  assert ratio == pytest.approx(keel_ms / pre_ln_ms, rel=1e-12)
+  key = "step", "keel/pre_ln attention=blocked"
+  lo, hi = values[(*key, "step_time_ratio_min")], values[(*key, "step_time_ratio_max")]
+  assert 0 < lo <= values[(*key, "step_time_ratio")] <= hi, (lo, hi)
+  # The ratio of each variant's fastest step lies between the extreme paired ratios.
+  assert lo * (1 - 1e-9) <= keel_ms / pre_ln_ms <= hi * (1 + 1e-9), (lo, keel_ms / pre_ln_ms, hi)
   assert values["deep", "L=1024", "params_m"] > 0
   # XLA's own accounting is deterministic: √L nested remat must keep less than no remat.
   deepest = max(c.memory.depths)
@@ -134,7 +138,7 @@ def test_ci_preset(tmp_path):
     assert t["result"] == verdict(float(t["measured"]), t["threshold"]), t
   # The first step-time target is the config's own remat policy, the ratio row checked above.
   step_time = next(t for t in targets if t["target"].startswith("1. Keel / Pre-LN step time"))
-  assert float(step_time["measured"]) == ratio
+  assert float(step_time["measured"]) == values[(*key, "step_time_ratio")]
   assert step_time["threshold"] == f"<= {c.targets['keel_overhead']}"
   md = (tmp_path / "results.md").read_text()
   assert "| target | measured | threshold | result | note |" in md

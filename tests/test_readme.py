@@ -46,7 +46,8 @@ EXPERIMENT_SHRINK = {
   "deep_run": "--config.model.num_blocks=4 --config.sweep.residual=\"('keel',)\"",
 }
 BENCHMARK_SHRINK = (
-  "--config.repeats=1 --config.matmul_sizes='(256,)' --config.compile.scan_depths='(4,8)' "
+  "--config.repeats=1 --config.step.repeats=1 --config.matmul_sizes='(256,)' "
+  "--config.compile.scan_depths='(4,8)' "
   "--config.compile.unrolled_depths='(4,)' --config.compile.repeats=1 "
   "--config.compile.model.d_model=32 --config.step.model.d_model=64 "
   "--config.step.model.num_blocks=1 --config.step.seq_len=128 --config.step.batch_size=2 "
