@@ -202,6 +202,20 @@ def check_data_benchmark(command, tmp_path, demo_workdir):
   assert proc.stdout.count(" ratio ") == 2, proc.stdout
 
 
+def check_peak_buffers(command, tmp_path, demo_workdir):
+  tiny = "--d_model 32 --num_heads 2 --num_kv_heads 1 --num_blocks 2 --seq_len 32 --batch_size 2"
+  out = run(f"{command} {tiny} --min_mb 0", tmp_path).stdout
+  for scheme in re.search(r"--residual ([\w ]+)", command).group(1).split():
+    head = re.search(rf"## {scheme}: temporaries ([\d.]+) MB .*replayed peak ([\d.]+) MB", out)
+    assert head, out
+    temp_mb, peak_mb = map(float, head.groups())
+    # What is live at once fits in the buffer XLA allocated for it; every byte is listed.
+    assert 0 < peak_mb <= temp_mb, (peak_mb, temp_mb)
+    table = out.split(head.group(0))[1].split("##")[0]
+    rows = [float(r.split("|")[1]) for r in table.splitlines() if re.match(r"\| [\d.e-]+ \|", r)]
+    assert sum(rows) == pytest.approx(peak_mb, rel=2e-3), (sum(rows), peak_mb)
+
+
 def check_aot(command, tmp_path, demo_workdir):
   # The config's real shapes, mesh rules and topology; 4 sub-layers instead of 1024.
   proc = run(f"{command} --config.model.num_blocks=2", tmp_path)
@@ -225,7 +239,8 @@ COVERAGE = [
   (r'^pip install -e "?\.\[\w+\]"?$', check_pip_extra),
   (r"^(\S*python) -m keel_jax\.main ", check_main),
   (r"^(\S*python) -m keel_jax\.(sample|evaluate) --workdir=workdirs/demo", check_on_demo),
-  (r"^(\S*python) -m experiments\.(?!data_benchmark)\w+ ", check_experiment),
+  (r"^(\S*python) -m experiments\.(?!data_benchmark|peak_buffers)\w+ ", check_experiment),
+  (r"^(\S*python) -m experiments\.peak_buffers", check_peak_buffers),
   (r"^(\S*python) -m experiments\.data_benchmark", check_data_benchmark),
   (r"^(\S*python) -m keel_jax\.aot_compile ", check_aot),
   (r"^for i in 0 1; do\n.*--num_processes=2", check_two_processes),
