@@ -8,9 +8,10 @@ run on the current backend; model FLOPs are counted by hand (keel_jax.flops) and
 against the matmul peak measured here (and, on TPU/GPU, the nominal peak too).
 Step times are the best of `step.repeats` steps, with all variants measured round-robin so that
 load from other processes hits them alike; a Keel / Pre-LN time ratio is the median of the
-per-round ratios (each pairs two steps run seconds apart), printed with their range. The step table includes `PeerLM`, a plain Pre-LN
-Transformer written here the way a minimal Flax LM is (einsum projections, nn.LayerNorm,
-learned positions, a Python loop of blocks), as the yardstick for this codebase's speed.
+per-round ratios (each pairs two steps run seconds apart), printed with their range. The step
+table includes `PeerLM`, a plain Pre-LN Transformer written here the way a minimal Flax LM is
+(einsum projections, nn.LayerNorm, learned positions, a Python loop of blocks), as the
+yardstick for this codebase's speed.
 
 Memory floor of a step: params + grads + the optimizer's two moments, plus the residual
 carries the backward must keep (one [B, T, D] fp32 per block, or groups + group size with

@@ -16,7 +16,6 @@ import argparse
 import collections
 import os
 import re
-import sys
 import tempfile
 
 DUMP = tempfile.mkdtemp(prefix="keel_peak_buffers_")
@@ -100,7 +99,6 @@ def main(argv=None):
     for (op, shape), size in sorted(found["groups"].items(), key=lambda kv: -kv[1]):
       if size >= args.min_mb * 1e6:
         print(f"| {size / 1e6:.4g} | `{shape}` | `{op}` |")
-  sys.stdout.flush()
 
 
 if __name__ == "__main__":
