@@ -92,20 +92,6 @@ def floor_bytes(s: builders.Setup, params: int) -> int:
   return memory_floor.floor_bytes(s.config, s.model_cfg, params)
 
 
-def count_dots(jaxpr, times: int = 1) -> int:
-  """dot_general equations executed by a jaxpr: nested bodies included, scan bodies × length."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += times * (eqn.primitive.name == "dot_general")
-    inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-        if hasattr(sub, "eqns"):
-          n += count_dots(sub, inner)
-  return n
-
-
 def timed(fn, *args) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -291,7 +277,9 @@ def bench_steps(c, rows, peak: dict):
     facts[v] = dict(step_bytes=step_bytes(steps[v]), floor=floor_bytes(s, params), params=params)
     if scheme in ("keel", "pre_ln") and impl == auto:
       abstract = init_state(s, abstract=True), jax.eval_shape(lambda s=s: make_batch(s))
-      facts[v]["dots"] = count_dots(jax.make_jaxpr(train_steps.make_train_step(s))(*abstract).jaxpr)
+      facts[v]["dots"] = flops.count_matmuls(
+        jax.make_jaxpr(train_steps.make_train_step(s))(*abstract).jaxpr
+      )
   if c.step.peer:
     v = ("peer", "einsum", "none")
     variants.append(v)
@@ -321,7 +309,7 @@ def bench_steps(c, rows, peak: dict):
     rows.append(("step", case, "step_bytes_mb", facts[v]["step_bytes"] / MB, "MB"))
     rows.append(("step", case, "floor_mb", facts[v]["floor"] / MB, "MB"))
     if "dots" in facts[v]:
-      rows.append(("step", case, "dot_generals", facts[v]["dots"], "count"))
+      rows.append(("step", case, "matmuls", facts[v]["dots"], "count"))
     if v[0] == "peer":  # MFU would need its own FLOP count (full multi-head K/V)
       continue
     mfu = flops_per_step / seconds / peak["best"]
@@ -341,9 +329,7 @@ def bench_steps(c, rows, peak: dict):
       rows.append(("step", case, "step_time_ratio_max", paired[-1], "x"))
       memory = facts[keel]["step_bytes"] / facts[pre_ln]["step_bytes"]
       rows.append(("step", case, "step_bytes_ratio", memory, "x"))
-      rows.append(
-        ("step", case, "dot_general_ratio", facts[keel]["dots"] / facts[pre_ln]["dots"], "x")
-      )
+      rows.append(("step", case, "matmul_ratio", facts[keel]["dots"] / facts[pre_ln]["dots"], "x"))
   if c.step.peer:
     ratio = best["peer", "einsum", "none"] / best["keel", auto, ""]
     rows.append(("step", f"keel attention={auto} / peer", "tokens_per_s_ratio", ratio, "x"))
@@ -630,10 +616,10 @@ def targets(c, rows) -> list[tuple]:
         limit = thr["keel_memory"]
         out.append((f"1. Keel / Pre-LN step bytes at d={d},{label}", mem, f"<= {limit}",
                     mem <= limit, "compiled.memory_analysis()"))  # fmt: skip
-        dots = get["step", key, "dot_general_ratio"]
-        keel_dots = get["step", step_case(c, "keel", auto, ""), "dot_generals"]
-        pre_dots = get["step", step_case(c, "pre_ln", auto, ""), "dot_generals"]
-        out.append((f"1. Keel / Pre-LN dot_generals in the train step,{label}", dots, "<= 1.0",
+        dots = get["step", key, "matmul_ratio"]
+        keel_dots = get["step", step_case(c, "keel", auto, ""), "matmuls"]
+        pre_dots = get["step", step_case(c, "pre_ln", auto, ""), "matmuls"]
+        out.append((f"1. Keel / Pre-LN matmuls in the train step,{label}", dots, "<= 1.0",
                     dots <= 1.0, f"{keel_dots:.0f} vs {pre_dots:.0f}, scan bodies × length"))  # fmt: skip
   for row in deep:
     ratio = row["peak_mb"] / row["floor_mb"]

@@ -36,6 +36,30 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 3 * (2 * matmul_params(cfg) + attention)
 
 
+def is_matmul(eqn) -> bool:
+  """A dot_general with a free dimension on both sides: a matrix product, not a contraction
+  with a vector (such as a norm's backward reductions)."""
+  if eqn.primitive.name != "dot_general":
+    return False
+  (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
+  lhs, rhs = (v.aval.ndim for v in eqn.invars)
+  return lhs > len(contract_l) + len(batch_l) and rhs > len(contract_r) + len(batch_r)
+
+
+def count_matmuls(jaxpr, times: int = 1) -> int:
+  """Matrix products a jaxpr executes: nested bodies included, scan bodies × their length."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += times * is_matmul(eqn)
+    inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          n += count_matmuls(sub, inner)
+  return n
+
+
 def nominal_peak(device=None) -> float | None:
   kind = (device or jax.devices()[0]).device_kind
   for name, peak in sorted(NOMINAL_PEAK.items(), key=lambda kv: -len(kv[0])):

@@ -167,6 +167,23 @@ def start_carry(cfg: ModelConfig, x_BxTxD) -> Carry:
   return x_BxTxD, weights, jnp.zeros((), bool)
 
 
+def hand_over(cfg: ModelConfig, rule: residual.BlockRule, next_rule, carry: Carry) -> Carry:
+  """A segment's last carry as the next segment's first (next_rule None: after the stack).
+
+  A deferred LN_out stays deferred where the next segment's blocks apply one too: its z is
+  rescaled to their ε (LN(c·z) with ε·c² is LN(z) with ε), so no boundary keeps both z and
+  LN_out(z) for the backward. Elsewhere the stream is settled here.
+  """
+  sums = lambda r: r is not None and r.ffn.form in residual.SUM_THEN_NORM
+  if not sums(rule):
+    return carry
+  if not sums(next_rule):
+    return start_carry(cfg, settle(cfg, rule, carry))
+  z_BxTxD, weights, pending = carry
+  c = math.sqrt(residual.out_eps_scale(next_rule.ffn) / residual.out_eps_scale(rule.ffn))
+  return z_BxTxD * jnp.where(pending, c, 1.0), weights, pending
+
+
 class Block(nn.Module):
   """One Transformer block: attention then FFN sub-layer, each wired by its rule.
 
@@ -409,10 +426,10 @@ class Segment(nn.Module):
   rule: residual.BlockRule
   length: int
   decode: bool = False
-  followed: bool = False  # another segment comes after this one (see hold_backward)
+  next_rule: residual.BlockRule | None = None  # the next segment's blocks (see hand_over)
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, keep_Nx2=None):
+  def __call__(self, carry: Carry, positions_BxT, keep_Nx2=None) -> Carry:
     cfg, n = self.cfg, self.length
     per_collection = lambda fn: lambda cols: {k: fn(v) for k, v in cols.items()}
     stack = nn.map_variables(
@@ -423,19 +440,20 @@ class Segment(nn.Module):
       init=self.is_initializing(),
     )(cfg, self.rule, n, self.decode, name="stack")
 
-    def run(mdl, x_BxTxD, positions_BxT):
-      return settle(cfg, self.rule, mdl(start_carry(cfg, x_BxTxD), positions_BxT, keep_Nx2))
+    def run(mdl, carry, positions_BxT):
+      return hand_over(cfg, self.rule, self.next_rule, mdl(carry, positions_BxT, keep_Nx2))
 
     # Only a rematerialized training forward has a recompute to hold back.
     remat = cfg.scan_layers and cfg.remat_policy != "none" and not self.decode
     plain = self.is_initializing() or self.is_mutable_collection("intermediates")
-    if self.followed and remat and keep_Nx2 is None and not plain:
+    if self.next_rule and remat and keep_Nx2 is None and not plain:
       run = hold_backward(run)
-    return nn.with_logical_constraint(run(stack, x_BxTxD, positions_BxT), ("batch", "seq", "embed"))
+    z_BxTxD, weights, pending = run(stack, carry, positions_BxT)
+    return nn.with_logical_constraint(z_BxTxD, ("batch", "seq", "embed")), weights, pending
 
 
 def hold_backward(fn):
-  """fn(module, x, positions) whose backward starts only once the output's cotangent exists.
+  """fn(module, carry, positions) whose backward starts only once the output's cotangent exists.
 
   The backward of a rematerialized segment recomputes its forward from saved inputs that are
   ready long before the later segments' backward has produced this segment's cotangent, and XLA
@@ -445,16 +463,17 @@ def hold_backward(fn):
   this segment's grads non-finite, as it would through any real path).
   """
 
-  def forward(mdl, x_BxTxD, positions_BxT):
-    return nn.vjp(fn, mdl, x_BxTxD, positions_BxT)
+  def forward(mdl, carry, positions_BxT):
+    return nn.vjp(fn, mdl, carry, positions_BxT)
 
-  def backward(vjp_fn, g_BxTxD):
+  def backward(vjp_fn, g_carry):
     # A data dependence, which XLA's scheduler cannot reorder (it drops optimization barriers
     # on CPU): every saved float gets 0·g[0, 0, 0] added. x·0 is not folded for floats.
+    g_BxTxD = g_carry[0]
     zero = 0.0 * g_BxTxD[(0,) * g_BxTxD.ndim]
     floating = lambda r: isinstance(r, jax.Array) and jnp.issubdtype(r.dtype, jnp.floating)
     tie = lambda r: r + zero.astype(r.dtype) if floating(r) else r
-    return jax.tree.map(tie, vjp_fn)(g_BxTxD)
+    return jax.tree.map(tie, vjp_fn)(g_carry)
 
   return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)
 
@@ -497,14 +516,15 @@ class LM(nn.Module):
     keep_Nx2 = None
     if sublayer_mask is not None:
       keep_Nx2 = jnp.asarray(sublayer_mask, jnp.float32).reshape(cfg.num_blocks, 2)
-    start = 0
+    start, carry = 0, start_carry(cfg, x_BxTxD)
     layout = cfg.layout()
     for i, (rule, length) in enumerate(layout):
       keep = None if keep_Nx2 is None else keep_Nx2[start : start + length]
       start += length
-      followed = i + 1 < len(layout)
-      segment = Segment(cfg, rule, length, self.decode, followed, name=f"segment_{i}")
-      x_BxTxD = segment(x_BxTxD, positions_BxT, keep)
+      next_rule = layout[i + 1][0] if i + 1 < len(layout) else None
+      segment = Segment(cfg, rule, length, self.decode, next_rule, name=f"segment_{i}")
+      carry = segment(carry, positions_BxT, keep)
+    x_BxTxD = carry[0]  # settled: the last segment has no next rule
     x_BxTxD = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
       head_DxV = embed_VxD.T

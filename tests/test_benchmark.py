@@ -40,12 +40,12 @@ def expected_rows(c) -> set[tuple[str, str]]:
       rows.add(("step", f"keel attention={impl} d={d} T={t}", metric))
   for residual in ("keel", "pre_ln"):
     for metric in ("step_ms", "tokens_per_s", "mfu_measured_peak", "step_bytes_mb", "floor_mb",
-                   "dot_generals"):  # fmt: skip
+                   "matmuls"):  # fmt: skip
       rows.add(("step", f"{residual} attention=blocked d={d} T={t}", metric))
   for metric in ("step_ms", "tokens_per_s", "step_bytes_mb", "floor_mb"):
     rows.add(("step", f"peer (plain Pre-LN, einsum, no scan, no remat) d={d} T={t}", metric))
   for metric in ("step_time_ratio", "step_time_ratio_min", "step_time_ratio_max",
-                 "step_bytes_ratio", "dot_general_ratio"):  # fmt: skip
+                 "step_bytes_ratio", "matmul_ratio"):  # fmt: skip
     rows.add(("step", "keel/pre_ln attention=blocked", metric))
   rows.add(("step", "keel attention=blocked / peer", "tokens_per_s_ratio"))
   for depth in c.memory.depths:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from keel_jax import residual
+from keel_jax import flops, residual
 from keel_jax.layers import Attention, rms_norm, rope
 from keel_jax.model import (
   LM,
@@ -628,24 +628,10 @@ def all_eqns(jaxpr):
           yield from all_eqns(sub)
 
 
-def count_ops(jaxpr, name: str) -> int:
-  """How many times primitive `name` runs: equations inside a scan count × its length."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    total += eqn.primitive.name == name
-    times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          total += times * count_ops(sub, name)
-  return total
-
-
 @functools.cache
-def grad_dot_count(cfg: ModelConfig) -> int:
+def grad_matmul_count(cfg: ModelConfig) -> int:
   jaxpr = jax.make_jaxpr(loss_and_grad_fn(cfg))(random_params(cfg, seed=7), make_tokens(2))
-  return count_ops(jaxpr.jaxpr, "dot_general")
+  return flops.count_matmuls(jaxpr.jaxpr)
 
 
 def test_remat_names_are_the_tagged_activations():
@@ -662,10 +648,10 @@ def test_full_remat_costs_no_more_matmuls_than_pre_ln(scheme):
   backward needs its input z, so a carry of LN_out(z) would force the FFN down projection to
   be recomputed; the carry is z instead, and the stack does Pre-LN's matmuls."""
   counts = {
-    s: grad_dot_count(with_settings(REMAT_BASE, residual=s, remat_policy="full"))
+    s: grad_matmul_count(with_settings(REMAT_BASE, residual=s, remat_policy="full"))
     for s in ("pre_ln", scheme)
   }
-  no_remat = grad_dot_count(with_settings(REMAT_BASE, residual="pre_ln"))
+  no_remat = grad_matmul_count(with_settings(REMAT_BASE, residual="pre_ln"))
   assert no_remat < counts["pre_ln"]  # the count sees recomputation at all
   assert counts[scheme] <= counts["pre_ln"], counts
 
@@ -674,7 +660,7 @@ def test_branch_remat_skips_attention_output_recompute():
   """remat="branch" keeps each branch output: the backward no longer recomputes the attention
   output projection (needed for the FFN's input), one matmul per block."""
   counts = {
-    p: grad_dot_count(with_settings(REMAT_BASE, remat_policy=p)) for p in ("full", "branch")
+    p: grad_matmul_count(with_settings(REMAT_BASE, remat_policy=p)) for p in ("full", "branch")
   }
   assert counts["full"] - counts["branch"] == REMAT_BASE.num_blocks
 
