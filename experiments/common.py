@@ -212,17 +212,22 @@ def write_readme(
   sections: Sequence[tuple[str, str]],
   verdict: Sequence[str],
   seconds: float,
+  run_seconds: float | None = None,
 ) -> str:
-  """README.md: what the paper claims, how this ran, the tables and a verdict."""
+  """README.md: what the paper claims, how this ran, the tables and a verdict. `run_seconds`:
+  the training time of the runs it aggregates, where they were trained by other processes
+  (default: those this process trained or reused)."""
   lines = [f"# {title}", "", f"**Paper:** {claim}", "", "## Verdict", ""]
   lines += [f"* {v}" for v in verdict]
   lines += ["", "## Run", ""]
   lines += [f"* {k}: `{v}`" if k == "command" else f"* {k}: {v}" for k, v in env.items()]
   wall = f"* wall time: {seconds / 60:.1f} min"
-  if _run_seconds:
+  if run_seconds is None and _run_seconds:
+    run_seconds = sum(_run_seconds)
+  if run_seconds:
     wall += (
-      f"; its training runs took {sum(_run_seconds) / 60:.1f} min when they ran (a rerun "
-      "reuses finished runs from runs/)"
+      f"; its training runs took {run_seconds / 60:.1f} min when they ran (a rerun reuses "
+      "finished runs)"
     )
   lines.append(wall)
   if fingerprint:

@@ -399,7 +399,9 @@ def plot(config, table, depths, path: str) -> str:
   return common.save_figure(fig, path)
 
 
-def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: float, env) -> dict:
+def aggregate(
+  config, root: str, out_dir: str, cell_list: list[Cell], unigram: float, env, seconds: float
+) -> dict:
   depths = sorted(residual.sublayers(n) for n in config.sweep.num_blocks)
   table = {(c.scheme, c.sub_layers): c for c in cell_list}
   os.makedirs(out_dir, exist_ok=True)
@@ -514,7 +516,8 @@ def aggregate(config, root: str, out_dir: str, cell_list: list[Cell], unigram: f
       ),
     ],
     lines,
-    0.0,
+    seconds,
+    run_seconds=sum(r["minutes"] * 60 for r in rows if math.isfinite(r["minutes"])),
   )
   return {"rows": rows, "table": table_rows, "missing": missing, "verdict": lines}
 
@@ -545,6 +548,7 @@ def train_cell(config, root: str, spec: str) -> dict:
 def run(config, workdir: str) -> dict:
   if config.cell:
     return train_cell(config, workdir, config.cell)
+  started = time.perf_counter()
   env = common.environment()
   unigram = common.unigram_loss(experiment.run_config(config))
   found = Cells(config, workdir)
@@ -572,7 +576,7 @@ def run(config, workdir: str) -> dict:
       train_cell(config, workdir, spec)
     print(f"[depth_scaling] {name} done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
   out_dir = config.get("results_dir") or workdir
-  res = aggregate(config, workdir, out_dir, cell_list, unigram, env)
+  res = aggregate(config, workdir, out_dir, cell_list, unigram, env, time.perf_counter() - started)
   print(paths.read_text(paths.join(out_dir, "table.md")), flush=True)
   print("\n".join(res["verdict"]), flush=True)
   return res
