@@ -43,10 +43,10 @@ def _rms_norm_bwd(eps, residuals, dy_BxTxD):
   # Autodiff's gradient ran 1.7x slower (2.9 vs 1.7 ms fwd+bwd at [8, 512, 512]).
   del eps
   x_BxTxD, scale_D, r_BxTx1 = residuals
-  dyx_BxTxD = dy_BxTxD * x_BxTxD
-  proj_BxTx1 = jnp.einsum("...d,d->...", dyx_BxTxD, scale_D)[..., None] / scale_D.shape[0]
-  dx_BxTxD = dy_BxTxD * scale_D * r_BxTx1 - x_BxTxD * (proj_BxTx1 * r_BxTx1**3)
   d = scale_D.shape[0]
+  dyx_BxTxD = dy_BxTxD * x_BxTxD
+  proj_BxTx1 = jnp.einsum("...d,d->...", dyx_BxTxD, scale_D)[..., None] / d
+  dx_BxTxD = dy_BxTxD * scale_D * r_BxTx1 - x_BxTxD * (proj_BxTx1 * r_BxTx1**3)
   dscale_D = jnp.einsum("nd,n->d", dyx_BxTxD.reshape(-1, d), r_BxTx1.reshape(-1))
   return dx_BxTxD, dscale_D
 

@@ -167,7 +167,9 @@ def start_carry(cfg: ModelConfig, x_BxTxD) -> Carry:
   return x_BxTxD, weights, jnp.zeros((), bool)
 
 
-def hand_over(cfg: ModelConfig, rule: residual.BlockRule, next_rule, carry: Carry) -> Carry:
+def hand_over(
+  cfg: ModelConfig, rule: residual.BlockRule, next_rule: residual.BlockRule | None, carry: Carry
+) -> Carry:
   """A segment's last carry as the next segment's first (next_rule None: after the stack).
 
   A deferred LN_out stays deferred where the next segment's blocks apply one too: its z is
@@ -188,10 +190,10 @@ class Block(nn.Module):
   """One Transformer block: attention then FFN sub-layer, each wired by its rule.
 
   Where the FFN sub-layer ends in LN_out(z) (Keel, Post-LN, DeepNorm), the block returns z and
-  LN_out's weights instead, and the next block (or the segment's end) applies LN_out. The
-  scan then saves z as its carry, which is exactly what LN_out's backward needs: under full
-  remat the backward recomputes no branch output, just as for Pre-LN (whose x + F passes the
-  gradient straight through). Same math, same parameters.
+  LN_out's weights instead, and the next block (or `hand_over`, after the stack) applies
+  LN_out. The scan then saves z as its carry, which is exactly what LN_out's backward needs:
+  under full remat the backward recomputes no branch output, just as for Pre-LN (whose x + F
+  passes the gradient straight through). Same math, same parameters.
   """
 
   cfg: ModelConfig

@@ -28,6 +28,8 @@ from keel_jax.model import (
   LM,
   REMAT_NAMES,
   ModelConfig,
+  hand_over,
+  settle,
   sublayer_activation_rms,
   sublayer_norms,
 )
@@ -666,6 +668,27 @@ def test_branch_remat_skips_attention_output_recompute():
 
 
 # ------------------------------------------------------------- 5. GQA and RoPE
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_hand_over_keeps_the_pending_ln_out(norm):
+  """Keel's first block (α = 1, ε) hands its pending z to blocks whose LN_out uses ε/α²: the
+  rescaled z must settle to the same stream. A large ε and a small z make ε matter."""
+  cfg = make_cfg(norm=norm, norm_eps=0.5)
+  (first, _), (full, _) = cfg.layout()
+  z_BxTxD = 0.3 * jax.random.normal(jax.random.key(0), (B, T, cfg.d_model))
+  scale_D = jax.random.normal(jax.random.key(1), (cfg.d_model,))
+  weights = {"scale": scale_D} if norm == "rmsnorm" else {"scale": scale_D, "bias": scale_D / 2}
+  for pending in (True, False):
+    carry = (z_BxTxD, weights, jnp.asarray(pending))
+    want = settle(cfg, first, carry)
+    assert_close(settle(cfg, full, hand_over(cfg, first, full, carry)), want, rtol=1e-5)
+    # After the stack (or before a block that does not sum-then-norm) it is settled at once.
+    z_after, _, pending_after = hand_over(cfg, first, None, carry)
+    assert_close(z_after, want, rtol=1e-6)
+    assert not bool(pending_after)
+    if pending:  # ε does matter here: without the rescale the stream would differ
+      assert not np.allclose(settle(cfg, full, carry), want, rtol=1e-3)
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-5 / 64**2])  # plain, and Keel's ε/α² at α = 64
