@@ -165,24 +165,28 @@ class _Preemption:
   """Turns SIGTERM into a flag the loop polls, so the step in flight completes and is saved.
 
   With several processes each must save the same step (a save is collective; one host saving
-  alone deadlocks), so there JAX's preemption service catches SIGTERM and picks the step.
+  alone deadlocks), so every step gathers all hosts' flags and stops once any is set: the hosts
+  see the same flags at the same step, however far apart the signals arrive. Not JAX's
+  preemption sync point: orbax calls it too, with older steps from its background finalize,
+  which can rewind a host's step count so that it misses the step the others stop at.
   """
 
   def __init__(self):
     self.requested = False
+    self._signalled = False
     self._old = None
-    self._sync = jax.process_count() > 1
+    self._hosts = jax.process_count()
 
-  def poll(self, step: int) -> bool:
-    """Whether to save `step` and stop; call it at every step (the hosts compare steps)."""
-    if self._sync and not self.requested:
-      self.requested = multihost_utils.reached_preemption_sync_point(step)
+  def poll(self) -> bool:
+    """Whether to save the step just run and stop; every host must call it at every step."""
+    if not self.requested and self._hosts > 1:
+      self.requested = bool(np.any(multihost_utils.process_allgather(np.int32(self._signalled))))
+    elif not self.requested:
+      self.requested = self._signalled
     return self.requested
 
   def __enter__(self):
-    if self._sync:  # our handler would hide SIGTERM from the preemption service
-      return self
-    try:
+    try:  # replaces JAX's own SIGTERM handler (its preemption notifier): this flag decides
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. notebooks): no preemption handling
       self._old = None
@@ -190,7 +194,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._signalled = True
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -364,7 +368,7 @@ def train(config, workdir: str) -> dict:
         pending = (step + 1, out)
         done = step + 1
         save = (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.num_steps
-        stop = preempt.poll(done)
+        stop = preempt.poll()
         if save or stop:
           book.step(*pending)  # never checkpoint a state that has not been checked finite
           pending = None
