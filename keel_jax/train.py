@@ -179,10 +179,10 @@ class _Preemption:
 
   def poll(self) -> bool:
     """Whether to save the step just run and stop; every host must call it at every step."""
-    if not self.requested and self._hosts > 1:
-      self.requested = bool(np.any(multihost_utils.process_allgather(np.int32(self._signalled))))
-    elif not self.requested:
-      self.requested = self._signalled
+    if not self.requested:
+      flag = np.int32(self._signalled)
+      flags = multihost_utils.process_allgather(flag) if self._hosts > 1 else flag
+      self.requested = bool(np.any(flags))
     return self.requested
 
   def __enter__(self):
